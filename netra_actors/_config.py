@@ -1,0 +1,130 @@
+"""One configuration object for the runtime and the server.
+
+Built from defaults, then ``NETRA_ACTORS_*`` environment variables, then CLI
+flags (each later source wins). Every field has exactly one environment
+variable (``NETRA_ACTORS_`` + the field name in upper case) and one CLI flag
+(``--`` + the field name with dashes), both derived from the field, so the
+three can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._exceptions import ConfigError
+
+ENV_PREFIX = "NETRA_ACTORS_"
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{attribute.name} must be positive, got {value}")
+
+
+@attrs.frozen
+class Config:
+    """Settings of a runtime and its server. Immutable; use ``attrs.evolve`` to derive one."""
+
+    host: str = attrs.field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = attrs.field(default=8765, metadata={"help": "TCP port (0 picks a free one)"})
+    data_dir: Path = attrs.field(
+        default=Path(".netra_actors"),
+        converter=Path,
+        metadata={"help": "folder for the token secret (and, later, the event store)"},
+    )
+    secret: str | None = attrs.field(
+        default=None,
+        repr=False,
+        metadata={"help": "token signing secret (default: the file 'secret' in data-dir)"},
+    )
+    agent: str = attrs.field(default="demo", metadata={"help": "agent that runs user messages"})
+    max_steps: int = attrs.field(
+        default=8, validator=_positive, metadata={"help": "tool-calling steps per run"}
+    )
+    tool_timeout: float = attrs.field(
+        default=60.0, validator=_positive, metadata={"help": "default per-tool timeout, seconds"}
+    )
+    window_events: int = attrs.field(
+        default=10_000,
+        validator=_positive,
+        metadata={"help": "events each session keeps in its replay window"},
+    )
+    max_frame_bytes: int = attrs.field(
+        default=1 << 20,
+        validator=_positive,
+        metadata={"help": "largest client frame accepted (bigger closes with 1009)"},
+    )
+    shutdown_grace: float = attrs.field(
+        default=5.0,
+        validator=_positive,
+        metadata={"help": "seconds runs get to end after a shutdown starts"},
+    )
+    token_ttl: float = attrs.field(
+        default=86_400.0, validator=_positive, metadata={"help": "default token lifetime, seconds"}
+    )
+    log_level: str = attrs.field(default="info", metadata={"help": "debug, info, warning, error"})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Defaults, then ``NETRA_ACTORS_*`` variables from ``environ``, then ``overrides``.
+
+        Raises:
+            ConfigError: a variable does not parse as its field's type.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            raw = env.get(ENV_PREFIX + field.name.upper())
+            if raw is not None:
+                values[field.name] = _parse(field, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from exc
+
+    @classmethod
+    def add_arguments(
+        cls, parser: argparse.ArgumentParser, names: Sequence[str] | None = None
+    ) -> None:
+        """Add a ``--flag`` for each field (or for ``names`` only); defaults stay ``None``."""
+        for field in attrs.fields(cls):
+            if names is not None and field.name not in names:
+                continue
+            parser.add_argument(
+                "--" + field.name.replace("_", "-"),
+                dest=field.name,
+                default=None,
+                type=functools.partial(_parse, field),
+                help=f"{field.metadata.get('help', '')} "
+                f"(env {ENV_PREFIX}{field.name.upper()}, default {field.default!s})",
+            )
+
+    @classmethod
+    def from_args(
+        cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None
+    ) -> Config:
+        """Environment first, then the flags that were given."""
+        overrides = {f.name: getattr(args, f.name, None) for f in attrs.fields(cls)}
+        return cls.from_env(environ, **overrides)
+
+
+def _parse(field: attrs.Attribute[Any], raw: str) -> Any:
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw)
+    except ValueError:
+        raise ConfigError(f"{field.name}: {raw!r} is not a valid {kind}") from None
+    return raw

@@ -1,0 +1,256 @@
+"""The ``Runtime``: a root nursery of supervised sessions, usable without any server.
+
+``async with Runtime(...) as runtime`` starts it; ``start_run`` starts a run
+and returns a ``RunHandle`` whose ``events()`` yields that run's events until
+its terminal event. The WebSocket server is a layer on top
+(``serve_connection`` hands it a transport).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import attrs
+import trio
+
+from ._agents import Agent, demo_agent, demo_llm, demo_tools
+from ._config import Config
+from ._connection import Connection
+from ._exceptions import NetraError, RuntimeClosed
+from ._llm import LLMManager, LLMProvider
+from ._manager import UnifiedWebSocketManager
+from ._messages import TERMINAL_EVENTS, CancelOutcome, Event
+from ._sequencer import EventStore, Subscription
+from ._session import Session, SessionServices, SessionStatistics
+from ._tools import ToolRegistry, UnifiedToolExecutionEngine
+from ._trace import UnifiedTraceContext
+from ._transport import Transport
+
+
+@attrs.frozen
+class RuntimeStatistics:
+    """A snapshot of the whole runtime."""
+
+    sessions: int
+    connections: int
+    active_runs: int
+    queued_runs: int
+    tasks: int
+
+
+class RunHandle:
+    """A run started through the in-process API.
+
+    ``events()`` yields the run's events in ``seq`` order from ``agent_started``
+    (or the lone ``agent_cancelled`` of a run cancelled while queued) to its
+    terminal event, then stops. It can be iterated once.
+    """
+
+    def __init__(
+        self, session: Session, run_id: str, thread_id: str, subscription: Subscription
+    ) -> None:
+        self.session = session
+        self.run_id = run_id
+        self.thread_id = thread_id
+        self._subscription = subscription
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Yield this run's events; returns after the terminal event.
+
+        Raises:
+            RuntimeClosed: the session ended before the run's terminal event.
+        """
+        sub = self._subscription
+        try:
+            while True:
+                batch = await sub.next_batch()
+                if batch is None:
+                    raise RuntimeClosed(f"session ended before run {self.run_id} finished")
+                for event in batch[1]:
+                    if event.run_id == self.run_id:
+                        yield event
+                        if event.type in TERMINAL_EVENTS:
+                            return
+        finally:
+            sub.close()
+
+    async def collect(self) -> list[Event]:
+        """All of the run's events, once it has ended."""
+        return [event async for event in self.events()]
+
+    async def cancel(self, reason: str = "client") -> CancelOutcome:
+        """Cancel the run (queued or active)."""
+        return await self.session.cancel_run(self.run_id, reason)
+
+
+class Runtime:
+    """Sessions, agents, tools and the LLM manager of one process.
+
+    Use as ``async with Runtime(config) as runtime:``. Leaving the block shuts
+    down: every run is cancelled with reason ``shutdown`` and gets
+    ``config.shutdown_grace`` seconds to emit its terminal event, then the
+    sessions are closed. Cancelling the enclosing scope instead cancels
+    everything at once (runs still emit ``agent_cancelled`` where they can).
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        agents: Mapping[str, Agent] | None = None,
+        tools: ToolRegistry | None = None,
+        llm: LLMManager | LLMProvider | None = None,
+        store: EventStore | None = None,
+    ) -> None:
+        self.config = config or Config()
+        if agents is None:
+            agents = {"demo": demo_agent(self.config.max_steps)}
+            tools = tools or demo_tools()
+            llm = llm or demo_llm()
+        if not isinstance(llm, LLMManager):
+            llm = LLMManager([llm] if llm is not None else [demo_llm()])
+        self.llm = llm
+        self.tools = tools or ToolRegistry()
+        self.engine = UnifiedToolExecutionEngine(
+            self.tools, default_timeout=self.config.tool_timeout
+        )
+        default_agent = self.config.agent if self.config.agent in agents else next(iter(agents))
+        self._services = SessionServices(
+            agents=dict(agents),
+            default_agent=default_agent,
+            engine=self.engine,
+            llm=self.llm,
+            window_events=self.config.window_events,
+            store=store,
+            terminal_grace=self.config.shutdown_grace,
+        )
+        self.manager = UnifiedWebSocketManager()
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm: Any = None
+        self._closing = False
+        self._ids = itertools.count(1)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Runtime:
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        if exc is None:
+            await self.aclose()
+        else:
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+        return await self._nursery_cm.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        """Shut down gracefully: stop taking runs, cancel runs (``shutdown``), close sessions."""
+        if self._closing:
+            return
+        self._closing = True
+        async with trio.open_nursery() as nursery:
+            for session in self.manager.sessions():
+                nursery.start_soon(session.aclose)
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    async def session(self, user_id: str) -> Session:
+        """The user's session, started if there is none. Raises ``RuntimeClosed``."""
+        if self._closing or self._nursery is None:
+            raise RuntimeClosed("the runtime is not running")
+        session = self.manager.session_for(user_id)
+        if session is None or session.closing:
+            session = Session(user_id, self._services, on_closed=self.manager.remove_session)
+            self.manager.add_session(session)
+            await self._nursery.start(session.run)
+        else:
+            await session.wait_ready()
+        return session
+
+    async def start_run(
+        self,
+        user_id: str,
+        text: str,
+        *,
+        thread_id: str = "main",
+        agent: str | None = None,
+        client_msg_id: str | None = None,
+        traceparent: str | None = None,
+    ) -> RunHandle:
+        """Start (or queue) a run for ``user_id``; iterate the handle's ``events()``.
+
+        Raises:
+            RuntimeClosed: the runtime or the session is shutting down.
+        """
+        session = await self.session(user_id)
+        # Subscribe before the run is admitted, so none of its events can be missed.
+        subscription = session.subscribe()
+        try:
+            admission = await session.start_run(
+                text,
+                thread_id=thread_id,
+                agent=agent,
+                client_msg_id=client_msg_id,
+                trace=UnifiedTraceContext.from_traceparent(traceparent),
+            )
+            if not admission.accepted:
+                raise RuntimeClosed(admission.message or "run refused")
+        except BaseException:
+            subscription.close()
+            raise
+        return RunHandle(session, admission.run_id, admission.thread_id, subscription)
+
+    async def cancel_run(self, user_id: str, run_id: str, reason: str = "client") -> CancelOutcome:
+        """Cancel a run of ``user_id``; ``state`` says whether it was queued, active or unknown."""
+        session = self.manager.session_for(user_id)
+        if session is None:
+            return CancelOutcome(run_id, "not_found")
+        return await session.cancel_run(run_id, reason)
+
+    async def serve_connection(
+        self, user_id: str, transport: Transport, *, traceparent: str | None = None
+    ) -> Connection:
+        """Run a connection actor for ``transport`` in the user's session until it ends.
+
+        The connection actor lives in the session's nursery (the session
+        supervises it); this waits for it, so a server's handler task can keep
+        the underlying socket open for exactly as long as it is needed. Returns
+        the finished ``Connection`` (its ``close_code`` says how it ended).
+        """
+        session = await self.session(user_id)
+        connection = Connection(
+            session, transport, connection_id=f"conn_{next(self._ids)}", traceparent=traceparent
+        )
+        self.manager.add_connection(user_id, connection)
+        try:
+            session.spawn(connection.run)
+            await connection.done.wait()
+        except NetraError:
+            await transport.close(1001)
+        finally:
+            self.manager.remove_connection(user_id, connection)
+        return connection
+
+    def statistics(self) -> RuntimeStatistics:
+        sessions = [s.statistics() for s in self.manager.sessions()]
+        return RuntimeStatistics(
+            sessions=len(sessions),
+            connections=sum(s.connections for s in sessions),
+            active_runs=sum(s.active_runs for s in sessions),
+            queued_runs=sum(s.queued_runs for s in sessions),
+            tasks=len(self._nursery.child_tasks) if self._nursery is not None else 0,
+        )
+
+    def session_statistics(self, user_id: str) -> SessionStatistics | None:
+        session = self.manager.session_for(user_id)
+        return session.statistics() if session is not None else None

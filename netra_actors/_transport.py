@@ -1,0 +1,118 @@
+"""The transport interface connection actors speak, and its implementations.
+
+A transport carries one client's frames: send text, receive a message, close
+with a code. ``TrioWebSocketTransport`` wraps a trio-websocket connection;
+``memory_transport_pair`` gives an in-memory pair for tests (no sockets,
+virtual time works); another transport (an ASGI WebSocket) can carry the same
+protocol by implementing these three methods.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import trio
+import trio_websocket
+
+from ._exceptions import TransportClosed
+
+
+class Transport(Protocol):
+    """One client connection, message-oriented."""
+
+    async def send_text(self, text: str) -> None:
+        """Send one text frame. Raises ``TransportClosed``.
+
+        Cancelling a send may leave a frame half-written: after a cancelled
+        send, close the transport instead of sending again.
+        """
+
+    async def receive(self) -> str | bytes:
+        """The next message (text, or bytes for a binary frame). Raises ``TransportClosed``."""
+        ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close with a WebSocket close code; idempotent."""
+
+
+class TrioWebSocketTransport:
+    """A transport over a ``trio_websocket.WebSocketConnection``."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+
+    async def send_text(self, text: str) -> None:
+        try:
+            await self.ws.send_message(text)
+        except trio_websocket.ConnectionClosed as exc:
+            raise TransportClosed(exc.reason.code if exc.reason else None) from None
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self.ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            raise TransportClosed(exc.reason.code if exc.reason else None) from None
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self.ws.aclose(code, reason or None)
+
+
+class _Pipe:
+    """One direction of an in-memory transport pair."""
+
+    def __init__(self, capacity: int) -> None:
+        self.send, self.recv = trio.open_memory_channel[str | bytes](capacity)
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+
+class MemoryTransport:
+    """One end of an in-memory transport pair (see ``memory_transport_pair``)."""
+
+    def __init__(self, outgoing: _Pipe, incoming: _Pipe) -> None:
+        self._out = outgoing
+        self._in = incoming
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code, once either end closed."""
+        return self._out.close_code if self._out.close_code is not None else self._in.close_code
+
+    @property
+    def closed(self) -> bool:
+        return self.close_code is not None
+
+    async def send_text(self, text: str) -> None:
+        await self.send_message(text)
+
+    async def send_message(self, message: str | bytes) -> None:
+        """Send text or bytes (tests use bytes to send a binary frame)."""
+        if self.closed:
+            raise TransportClosed(self.close_code)
+        try:
+            await self._out.send.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise TransportClosed(self.close_code) from None
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self._in.recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise TransportClosed(self._in.close_code, self._in.close_reason) from None
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        for pipe in (self._out, self._in):
+            if pipe.close_code is None:
+                pipe.close_code, pipe.close_reason = code, reason
+        await self._out.send.aclose()
+        await self._in.recv.aclose()
+
+
+def memory_transport_pair(capacity: int = 256) -> tuple[MemoryTransport, MemoryTransport]:
+    """``(server_end, client_end)``: what one end sends, the other receives, in order.
+
+    Closing either end ends the other's ``receive`` (after it drained what was
+    already sent) with ``TransportClosed`` carrying the close code.
+    """
+    to_client, to_server = _Pipe(capacity), _Pipe(capacity)
+    return MemoryTransport(to_client, to_server), MemoryTransport(to_server, to_client)
