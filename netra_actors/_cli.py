@@ -1,0 +1,97 @@
+"""The ``netra-actors`` command: ``serve`` the demo (or another agent), print a ``token``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from ._auth import issue_token, load_secret
+from ._config import Config
+from ._exceptions import NetraError
+
+SERVE_FLAGS = (
+    "host",
+    "port",
+    "data_dir",
+    "agent",
+    "max_steps",
+    "tool_timeout",
+    "window_events",
+    "max_frame_bytes",
+    "shutdown_grace",
+    "token_ttl",
+    "log_level",
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="netra-actors",
+        description="Ordered, cancellable, real-time event streams for AI-agent runs.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the WebSocket server (demo agent by default)")
+    Config.add_arguments(serve, SERVE_FLAGS)
+    token = commands.add_parser("token", help="print a token the server accepts for USER")
+    token.add_argument("user", metavar="USER")
+    token.add_argument("--ttl", type=float, default=None, help="lifetime in seconds")
+    Config.add_arguments(token, ("data_dir",))
+    return parser
+
+
+def _banner(config: Config, port: int, token: str) -> str:
+    url = f"ws://{config.host}:{port}/ws"
+    return "\n".join(
+        [
+            f"netra-actors: serving protocol v1 at {url} (agent {config.agent!r})",
+            f"  a token for user 'demo' (valid {config.token_ttl:g} s):",
+            f"    {token}",
+            "  connect, for example:",
+            f"    {url}?token={token}",
+            "  then send:",
+            '    {"type":"user_message","text":"what is 2+3*4?"}',
+            "  other users: netra-actors token USER",
+            "  stop with Ctrl-C",
+        ]
+    )
+
+
+async def _serve(config: Config) -> None:
+    from ._runtime import Runtime
+    from ._server import serve
+
+    async with Runtime(config) as runtime, trio.open_nursery() as nursery:
+        server = await nursery.start(serve, runtime, config)
+        token = issue_token("demo", load_secret(config), ttl=config.token_ttl)
+        print(_banner(config, server.port, token), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "token":
+            config = Config.from_args(args)
+            ttl = args.ttl if args.ttl is not None else config.token_ttl
+            print(issue_token(args.user, load_secret(config), ttl=ttl))
+            return 0
+        config = Config.from_args(args)
+        logging.basicConfig(
+            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        try:
+            trio.run(_serve, config)
+        except KeyboardInterrupt:
+            print("netra-actors: stopped", file=sys.stderr)
+        return 0
+    except (NetraError, ValueError) as exc:
+        print(f"netra-actors: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
