@@ -32,6 +32,16 @@ from typing import Any, Final, TypeGuard
 
 import attrs
 
+# One source of truth for the vocabularies: the protocol module (see docs/protocol.md).
+from ._messages import TERMINAL_EVENTS
+from ._protocol import (
+    AGENT_ERROR_TYPES,
+    CANCEL_REASONS,
+    EVENT_TYPES,
+    TOOL_ERROR_TYPES,
+    TOOL_STATUSES,
+)
+
 __all__ = [
     "AGENT_ERROR_TYPES",
     "CANCEL_REASONS",
@@ -45,34 +55,6 @@ __all__ = [
     "RunSummary",
     "check_lifecycle",
 ]
-
-#: Every event type of protocol v1. Any other ``type`` on a frame with ``seq`` is a violation.
-EVENT_TYPES: Final = frozenset(
-    {
-        "agent_started",
-        "agent_thinking",
-        "tool_executing",
-        "tool_completed",
-        "partial_result",
-        "agent_completed",
-        "agent_error",
-        "agent_cancelled",
-    }
-)
-#: Events that end a run; each run has exactly one.
-TERMINAL_EVENTS: Final = frozenset({"agent_completed", "agent_error", "agent_cancelled"})
-#: ``tool_completed.data.status``.
-TOOL_STATUSES: Final = frozenset({"ok", "error", "timeout", "cancelled"})
-#: ``agent_error.data.error.type``.
-AGENT_ERROR_TYPES: Final = frozenset(
-    {"agent_error", "llm_error", "timeout", "step_limit", "interrupted", "internal"}
-)
-#: ``agent_cancelled.data.reason``.
-CANCEL_REASONS: Final = frozenset({"client", "interrupted", "shutdown"})
-#: ``tool_completed.data.error.type``.
-TOOL_ERROR_TYPES: Final = frozenset(
-    {"tool_error", "invalid_arguments", "unknown_tool", "timeout", "cancelled", "bad_result"}
-)
 
 # Precompiled once: feed() runs for every event of a benchmark.
 _TRACE_ID: Final = re.compile(r"[0-9a-f]{32}")

@@ -121,7 +121,11 @@ def test_valid_tool_run_passes_with_correct_report() -> None:
     assert summary.tool_calls == 1
     assert summary.thread_id == "t1"
     assert (summary.first_seq, summary.last_seq) == (1, 6)
-    assert report.terminal_counts() == {"agent_completed": 1, "agent_error": 0, "agent_cancelled": 0}
+    assert report.terminal_counts() == {
+        "agent_completed": 1,
+        "agent_error": 0,
+        "agent_cancelled": 0,
+    }
 
 
 def test_interleaved_runs_of_two_threads_pass() -> None:
@@ -132,14 +136,26 @@ def test_interleaved_runs_of_two_threads_pass() -> None:
         ev("agent_started", 12, "b", "t2", TRACE_2),
         ev("tool_executing", 13, "b", "t2", TRACE_2),
         ev("tool_executing", 14, "a", "t1", TRACE_1),
-        ev("tool_completed", 15, "a", "t1", TRACE_1, status="error", error={"type": "tool_error", "message": "x"}),
+        ev(
+            "tool_completed",
+            15,
+            "a",
+            "t1",
+            TRACE_1,
+            status="error",
+            error={"type": "tool_error", "message": "x"},
+        ),
         ev("tool_completed", 16, "b", "t2", TRACE_2),
         ev("agent_error", 17, "a", "t1", TRACE_1),
         ev("agent_completed", 18, "b", "t2", TRACE_2),
     ]
     report = check_lifecycle(frames)
     assert report.events == 8
-    assert report.terminal_counts() == {"agent_completed": 1, "agent_error": 1, "agent_cancelled": 0}
+    assert report.terminal_counts() == {
+        "agent_completed": 1,
+        "agent_error": 1,
+        "agent_cancelled": 0,
+    }
     assert report.runs["a"].thread_id == "t1"
     assert report.runs["b"].thread_id == "t2"
 
@@ -166,7 +182,9 @@ def test_invalid_json_text_is_bad_frame() -> None:
 def test_non_event_frames_are_ignored() -> None:
     """run_accepted, pong, error and unknown future non-event frames do not affect the checks."""
     frames = tool_run()
-    frames.insert(0, {"type": "run_accepted", "run_id": "r1", "thread_id": "t1", "client_msg_id": None})
+    frames.insert(
+        0, {"type": "run_accepted", "run_id": "r1", "thread_id": "t1", "client_msg_id": None}
+    )
     frames.insert(3, {"type": "pong"})
     frames.insert(5, {"type": "error", "code": "bad_frame", "message": "nope"})
     frames.insert(6, {"type": "resume_gap", "from_seq": 1, "to_seq": 2})
@@ -201,9 +219,9 @@ def test_constants_match_protocol_vocabularies() -> None:
     """The exported vocabularies are the protocol v1 ones."""
     assert len(EVENT_TYPES) == 8
     assert TERMINAL_EVENTS < EVENT_TYPES
-    assert TOOL_STATUSES == {"ok", "error", "timeout", "cancelled"}
+    assert sorted(TOOL_STATUSES) == ["cancelled", "error", "ok", "timeout"]
     assert "step_limit" in AGENT_ERROR_TYPES
-    assert CANCEL_REASONS == {"client", "interrupted", "shutdown"}
+    assert sorted(CANCEL_REASONS) == ["client", "interrupted", "shutdown"]
     assert "bad_result" in TOOL_ERROR_TYPES
 
 
@@ -213,7 +231,12 @@ def test_violation_carries_location_and_pickles() -> None:
     assert (exc.rule, exc.run_id, exc.seq) == ("seq_gap", "r1", 4)
     assert "seq_gap" in str(exc)
     clone = pickle.loads(pickle.dumps(exc))
-    assert (clone.rule, clone.run_id, clone.seq, str(clone)) == (exc.rule, exc.run_id, exc.seq, str(exc))
+    assert (clone.rule, clone.run_id, clone.seq, str(clone)) == (
+        exc.rule,
+        exc.run_id,
+        exc.seq,
+        str(exc),
+    )
 
 
 # --- sequence rules -----------------------------------------------------------------------------
@@ -316,7 +339,11 @@ def test_require_terminal_false_allows_open_runs() -> None:
     """With require_terminal=False an unfinished run is reported, not rejected."""
     report = check_lifecycle(tool_run()[:-1], require_terminal=False)
     assert report.runs["r1"].terminal is None
-    assert report.terminal_counts() == {"agent_completed": 0, "agent_error": 0, "agent_cancelled": 0}
+    assert report.terminal_counts() == {
+        "agent_completed": 0,
+        "agent_error": 0,
+        "agent_cancelled": 0,
+    }
 
 
 # --- tool rules ---------------------------------------------------------------------------------
@@ -330,7 +357,11 @@ def test_tool_completed_without_executing_is_rejected() -> None:
 
 def test_tool_name_mismatch_is_rejected() -> None:
     """tool_completed has the tool_name of its tool_executing."""
-    frames = [ev("agent_started", 1), ev("tool_executing", 2), ev("tool_completed", 3, tool_name="other")]
+    frames = [
+        ev("agent_started", 1),
+        ev("tool_executing", 2),
+        ev("tool_completed", 3, tool_name="other"),
+    ]
     assert violation(frames).rule == "unmatched_tool"
 
 
@@ -421,13 +452,20 @@ def test_failed_tool_requires_error_object() -> None:
 
 def test_negative_duration_is_rejected() -> None:
     """tool_completed.duration_ms is a number >= 0."""
-    frames = [ev("agent_started", 1), ev("tool_executing", 2), ev("tool_completed", 3, duration_ms=-1)]
+    frames = [
+        ev("agent_started", 1),
+        ev("tool_executing", 2),
+        ev("tool_completed", 3, duration_ms=-1),
+    ]
     assert violation(frames).rule == "bad_field"
 
 
 def test_agent_completed_status_must_be_ok() -> None:
     """agent_completed always has data.status == 'ok' (failures are agent_error)."""
-    assert violation([ev("agent_started", 1), ev("agent_completed", 2, status="error")]).rule == "bad_field"
+    assert (
+        violation([ev("agent_started", 1), ev("agent_completed", 2, status="error")]).rule
+        == "bad_field"
+    )
 
 
 def test_bad_vocabulary_is_rejected() -> None:
@@ -443,7 +481,9 @@ def test_bad_vocabulary_is_rejected() -> None:
         ev("tool_completed", 3, status="error", error={"type": "oops", "message": "m"}),
     ]
     for frame in tool_bad:
-        assert violation([ev("agent_started", 1), ev("tool_executing", 2), frame]).rule == "vocabulary"
+        assert (
+            violation([ev("agent_started", 1), ev("tool_executing", 2), frame]).rule == "vocabulary"
+        )
 
 
 def test_strict_vocab_false_allows_new_vocabulary() -> None:
@@ -459,7 +499,10 @@ def test_strict_vocab_false_allows_new_vocabulary() -> None:
 
 def test_malformed_session_ready_is_rejected() -> None:
     """session_ready.last_seq is an integer >= 0."""
-    assert violation([{"type": "session_ready", "session_id": "s", "last_seq": "3"}]).rule == "bad_field"
+    assert (
+        violation([{"type": "session_ready", "session_id": "s", "last_seq": "3"}]).rule
+        == "bad_field"
+    )
 
 
 # --- property: valid streams pass, broken ones are caught ---------------------------------------
@@ -485,7 +528,12 @@ def valid_run(draw: st.DrawFn) -> RunEvents:
             call_id = f"c{calls}"
             calls += 1
             open_calls.append(call_id)
-            events.append(("tool_executing", {"call_id": call_id, "tool_name": f"tool{call_id}", "parameters": {}}))
+            events.append(
+                (
+                    "tool_executing",
+                    {"call_id": call_id, "tool_name": f"tool{call_id}", "parameters": {}},
+                )
+            )
         else:
             call_id = open_calls.pop(draw(st.integers(0, len(open_calls) - 1)))
             events.append(_completed(call_id, draw(st.sampled_from(sorted(TOOL_STATUSES)))))
@@ -497,11 +545,19 @@ def valid_run(draw: st.DrawFn) -> RunEvents:
 
 
 def _completed(call_id: str, status: str) -> tuple[str, Frame]:
-    data: Frame = {"call_id": call_id, "tool_name": f"tool{call_id}", "status": status, "duration_ms": 2}
+    data: Frame = {
+        "call_id": call_id,
+        "tool_name": f"tool{call_id}",
+        "status": status,
+        "duration_ms": 2,
+    }
     if status == "ok":
         data["results"] = {"n": 1}
     else:
-        data["error"] = {"type": "cancelled" if status == "cancelled" else "tool_error", "message": "m"}
+        data["error"] = {
+            "type": "cancelled" if status == "cancelled" else "tool_error",
+            "message": "m",
+        }
     return ("tool_completed", data)
 
 
@@ -530,7 +586,9 @@ def _renumber(events: list[Frame], last_seq: int) -> list[Frame]:
 
 
 def _next_of_same_run(events: list[Frame], i: int) -> int | None:
-    return next((j for j in range(i + 1, len(events)) if events[j]["run_id"] == events[i]["run_id"]), None)
+    return next(
+        (j for j in range(i + 1, len(events)) if events[j]["run_id"] == events[i]["run_id"]), None
+    )
 
 
 def _run_of(events: list[Frame], run_id: str) -> list[str]:
@@ -570,12 +628,20 @@ def _breaking_swaps(events: list[Frame]) -> list[tuple[int, int]]:
     return out
 
 
-LIFECYCLE_RULES = {"first_event", "after_terminal", "unmatched_tool", "unclosed_tool", "missing_terminal"}
+LIFECYCLE_RULES = {
+    "first_event",
+    "after_terminal",
+    "unmatched_tool",
+    "unclosed_tool",
+    "missing_terminal",
+}
 
 
 @settings(max_examples=300, deadline=None)
 @given(stream=valid_stream(), data=st.data())
-def test_valid_streams_pass_and_mutations_are_caught(stream: tuple[int, list[Frame]], data: st.DataObject) -> None:
+def test_valid_streams_pass_and_mutations_are_caught(
+    stream: tuple[int, list[Frame]], data: st.DataObject
+) -> None:
     """Generated valid streams pass; dropping, duplicating or reordering events is caught."""
     last_seq, events = stream
     report = check_lifecycle([ready(last_seq), *events])
@@ -583,7 +649,9 @@ def test_valid_streams_pass_and_mutations_are_caught(stream: tuple[int, list[Fra
     assert sum(report.terminal_counts().values()) == len(report.runs)
 
     mutated = copy.deepcopy(events)
-    kind = data.draw(st.sampled_from(["drop", "duplicate", "swap_adjacent", "drop_renumber", "swap_renumber"]))
+    kind = data.draw(
+        st.sampled_from(["drop", "duplicate", "swap_adjacent", "drop_renumber", "swap_renumber"])
+    )
     if kind == "drop":  # a hole in seq, or the stream's last terminal is missing
         candidates = list(range(len(mutated) - 1))  # any but the last leaves a hole
         if _run_of(mutated, mutated[-1]["run_id"]) != ["agent_cancelled"]:

@@ -56,11 +56,9 @@ def test_enhanced_engine_is_an_alias() -> None:
 def test_websocket_notifier_warns() -> None:
     """The deprecated ``WebSocketNotifier`` still works as the bridge, with a DeprecationWarning."""
     assert issubclass(netra_actors.WebSocketNotifier, netra_actors.AgentWebSocketBridge)
-    with pytest.warns(DeprecationWarning, match="AgentWebSocketBridge"):
-        try:
-            netra_actors.WebSocketNotifier()  # type: ignore[call-arg]
-        except TypeError:
-            pass  # the warning is given before the arguments are checked
+    # The warning is given before the (missing) arguments are checked.
+    with pytest.warns(DeprecationWarning, match="AgentWebSocketBridge"), pytest.raises(TypeError):
+        netra_actors.WebSocketNotifier()  # type: ignore[call-arg]
 
 
 def test_testing_module_has_checker() -> None:
