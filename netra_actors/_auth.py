@@ -19,6 +19,8 @@ from ._exceptions import AuthError
 
 ALGORITHM = "HS256"
 SECRET_FILE = "secret"
+#: Longest token lifetime accepted: ten years.
+MAX_TTL = 10 * 365 * 86_400.0
 
 
 def load_secret(config: Config) -> bytes:
@@ -50,6 +52,8 @@ def issue_token(
     """A token for ``user_id`` that expires ``ttl`` seconds from ``now``."""
     if not user_id:
         raise ValueError("user_id must not be empty")
+    if not 0 < ttl <= MAX_TTL:
+        raise ValueError(f"ttl must be more than 0 and at most {MAX_TTL:g} seconds, got {ttl}")
     issued = int(time.time() if now is None else now)
     claims = {"sub": user_id, "iat": issued, "exp": issued + int(ttl)}
     return jwt.encode(claims, secret, algorithm=ALGORITHM)

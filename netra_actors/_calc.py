@@ -22,10 +22,22 @@ _UNARY: dict[type[ast.unaryop], Callable[[float], float]] = {
 }
 MAX_EXPRESSION_LENGTH = 200
 MAX_EXPONENT = 64
+#: Largest magnitude of any intermediate result, in bits (keeps every step fast).
+MAX_BITS = 1024
+#: Integers beyond 64 bits are returned as floats (JSON encoders take 64-bit integers).
+MAX_EXACT_INT = 2**63 - 1
 
 
 class CalculationError(ValueError):
     """The expression is not plain arithmetic, or cannot be computed."""
+
+
+def _checked(value: float) -> float:
+    if isinstance(value, complex):
+        raise CalculationError("the result is not a real number")
+    if isinstance(value, int) and value.bit_length() > MAX_BITS:
+        raise CalculationError("result is too large")
+    return value
 
 
 def _eval(node: ast.AST) -> float:
@@ -37,10 +49,12 @@ def _eval(node: ast.AST) -> float:
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _eval(node.left), _eval(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
-            raise CalculationError(f"exponent {right} is too large")
+        if isinstance(node.op, ast.Pow) and (
+            abs(right) > MAX_EXPONENT or abs(right) * math.log2(abs(left) + 1) > MAX_BITS
+        ):
+            raise CalculationError(f"{left} ** {right} is too large")
         try:
-            return _BINARY[type(node.op)](left, right)
+            return _checked(_BINARY[type(node.op)](left, right))
         except ZeroDivisionError:
             raise CalculationError("division by zero") from None
         except OverflowError:
@@ -68,6 +82,8 @@ def calculate(expression: str) -> int | float:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise CalculationError("result is not a finite number")
-        if value.is_integer():
+        if value.is_integer() and abs(value) <= MAX_EXACT_INT:
             return int(value)
+    elif abs(value) > MAX_EXACT_INT:
+        return float(value)
     return value

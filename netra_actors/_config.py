@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,8 +25,14 @@ ENV_PREFIX = "NETRA_ACTORS_"
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{attribute.name} must be positive, got {value}")
+    # Written so that NaN and infinity are refused too.
+    if not 0 < value < math.inf:
+        raise ConfigError(f"{attribute.name} must be a positive finite number, got {value}")
+
+
+def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{attribute.name} must be 0 to 65535, got {value}")
 
 
 @attrs.frozen
@@ -33,7 +40,9 @@ class Config:
     """Settings of a runtime and its server. Immutable; use ``attrs.evolve`` to derive one."""
 
     host: str = attrs.field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = attrs.field(default=8765, metadata={"help": "TCP port (0 picks a free one)"})
+    port: int = attrs.field(
+        default=8765, validator=_port, metadata={"help": "TCP port (0 picks a free one)"}
+    )
     data_dir: Path = attrs.field(
         default=Path(".netra_actors"),
         converter=Path,
@@ -102,7 +111,7 @@ class Config:
                 "--" + field.name.replace("_", "-"),
                 dest=field.name,
                 default=None,
-                type=functools.partial(_parse, field),
+                type=functools.partial(_parse_flag, field),
                 help=f"{field.metadata.get('help', '')} "
                 f"(env {ENV_PREFIX}{field.name.upper()}, default {field.default!s})",
             )
@@ -114,6 +123,14 @@ class Config:
         """Environment first, then the flags that were given."""
         overrides = {f.name: getattr(args, f.name, None) for f in attrs.fields(cls)}
         return cls.from_env(environ, **overrides)
+
+
+def _parse_flag(field: attrs.Attribute[Any], raw: str) -> Any:
+    """``_parse`` for argparse, which turns ``ArgumentTypeError`` into a usage error."""
+    try:
+        return _parse(field, raw)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parse(field: attrs.Attribute[Any], raw: str) -> Any:
