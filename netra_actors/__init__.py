@@ -20,10 +20,16 @@ from ._exceptions import LLMError as LLMError
 from ._exceptions import NetraError as NetraError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import RunNotFound as RunNotFound
+from ._exceptions import RunRefused as RunRefused
 from ._exceptions import RuntimeClosed as RuntimeClosed
 from ._exceptions import StepLimitExceeded as StepLimitExceeded
 from ._exceptions import ToolError as ToolError
 from ._exceptions import TransportClosed as TransportClosed
+from ._gateway import Gateway as Gateway
+from ._gateway import GatewayInfo as GatewayInfo
+from ._gateway import HttpRequest as HttpRequest
+from ._gateway import HttpResponse as HttpResponse
+from ._gateway import serve as serve
 from ._llm import ChatMessage as ChatMessage
 from ._llm import ChatRequest as ChatRequest
 from ._llm import LLMManager as LLMManager
@@ -43,7 +49,6 @@ from ._messages import ToolResult as ToolResult
 from ._runtime import RunHandle as RunHandle
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStatistics as RuntimeStatistics
-from ._server import serve as serve
 from ._tools import EnhancedToolExecutionEngine as EnhancedToolExecutionEngine
 from ._tools import Tool as Tool
 from ._tools import ToolRegistry as ToolRegistry
@@ -68,6 +73,10 @@ __all__ = [
     "EnhancedToolExecutionEngine",
     "ErrorInfo",
     "Event",
+    "Gateway",
+    "GatewayInfo",
+    "HttpRequest",
+    "HttpResponse",
     "LLMError",
     "LLMManager",
     "LLMProvider",
@@ -77,6 +86,7 @@ __all__ = [
     "ReasoningDelta",
     "RunHandle",
     "RunNotFound",
+    "RunRefused",
     "Runtime",
     "RuntimeClosed",
     "RuntimeStatistics",

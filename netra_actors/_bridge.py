@@ -29,8 +29,9 @@ from ._messages import (
 )
 from ._trace import UnifiedTraceContext
 
-#: How long a cancelled run waits for its in-flight tools to report ``cancelled``.
-TOOL_CANCEL_GRACE = 5.0
+#: Backstop for a run waiting on its cancelled tool. The executor answers within
+#: its ``tool_cancel_grace``; this only matters if the executor itself is gone.
+TOOL_REPLY_BACKSTOP = 11.0
 
 
 def new_call_id() -> str:
@@ -53,6 +54,7 @@ class AgentWebSocketBridge:
         tools: trio.MemorySendChannel[ToolInbox],
         llm: LLMManager,
         tool_specs: Sequence[ToolSpec],
+        tool_reply_backstop: float = TOOL_REPLY_BACKSTOP,
     ) -> None:
         self.request = request
         self.llm = llm
@@ -60,6 +62,7 @@ class AgentWebSocketBridge:
         self._emit = emit
         self._tools = tools
         self._step = 0
+        self._backstop = tool_reply_backstop
 
     # -- what the run is -----------------------------------------------------------------
 
@@ -94,13 +97,25 @@ class AgentWebSocketBridge:
         )
 
     async def thinking(self, reasoning: str, step: int | None = None) -> None:
-        """Emit ``agent_thinking``. ``step`` defaults to the current tool-calling step."""
+        """Emit ``agent_thinking``. ``step`` defaults to the current tool-calling step.
+
+        Raises:
+            TypeError: ``reasoning`` is not a string (the run ends ``agent_error``).
+        """
+        if not isinstance(reasoning, str):
+            raise TypeError(f"reasoning must be a str, not {type(reasoning).__name__}")
         await self._send(
             "agent_thinking", {"reasoning": reasoning, "step": self._step if step is None else step}
         )
 
     async def partial(self, text: str) -> None:
-        """Emit ``partial_result``: a piece of the streamed answer."""
+        """Emit ``partial_result``: a piece of the streamed answer.
+
+        Raises:
+            TypeError: ``text`` is not a string (the run ends ``agent_error``).
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
         await self._send("partial_result", {"text": text})
 
     def next_step(self) -> int:
@@ -119,10 +134,11 @@ class AgentWebSocketBridge:
         failure is returned as a result with status ``error`` (it does not
         raise): the agent decides what to do next.
 
-        On cancellation the call is cancelled too, and this waits (shielded, up
-        to ``TOOL_CANCEL_GRACE`` seconds) for its ``tool_completed`` with status
-        ``cancelled`` to be emitted before re-raising, so the run's terminal
-        event always comes after it.
+        On cancellation the call is cancelled too, and this waits (shielded) for
+        its ``tool_completed`` with status ``cancelled`` to be emitted before
+        re-raising, so the run's terminal event always comes after it. A tool
+        that does not stop within ``tool_cancel_grace`` seconds is abandoned by
+        the executor: reported ``cancelled`` at once, its late outcome dropped.
         """
         call = ToolCall(call_id or new_call_id(), name, dict(arguments or {}))
         reply_send, reply_recv = trio.open_memory_channel[ToolResult](1)
@@ -134,9 +150,9 @@ class AgentWebSocketBridge:
                 return await reply_recv.receive()
             except trio.Cancelled:
                 with trio.CancelScope(shield=True) as grace:
-                    grace.deadline = trio.current_time() + TOOL_CANCEL_GRACE
+                    grace.deadline = trio.current_time() + self._backstop
                     try:
-                        await self._tools.send(CancelToolCall(call.call_id))
+                        await self._tools.send(CancelToolCall(self.run_id, call.call_id))
                         await reply_recv.receive()
                     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel):
                         pass  # the executor is gone: the session is being torn down

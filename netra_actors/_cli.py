@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
@@ -25,6 +27,23 @@ SERVE_FLAGS = (
     "shutdown_grace",
     "token_ttl",
     "log_level",
+    "tls_cert",
+    "tls_key",
+    "allowed_origins",
+    "max_connections",
+    "max_connections_per_user",
+    "handshake_timeout",
+    "receive_queue",
+    "send_timeout",
+    "heartbeat_interval",
+    "heartbeat_timeout",
+    "rate_limit",
+    "rate_burst",
+    "window_max_age",
+    "idle_session_grace",
+    "thread_policy",
+    "max_queued_per_thread",
+    "max_active_runs_per_user",
 )
 
 
@@ -43,8 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _banner(config: Config, port: int, token: str) -> str:
-    url = f"ws://{config.host}:{port}/ws"
+def _banner(config: Config, url: str, token: str) -> str:
     return "\n".join(
         [
             f"netra-actors: serving protocol v1 at {url} (agent {config.agent!r})",
@@ -61,13 +79,30 @@ def _banner(config: Config, port: int, token: str) -> str:
 
 
 async def _serve(config: Config) -> None:
-    from ._runtime import Runtime
-    from ._server import serve
+    """Serve until SIGINT or SIGTERM, then shut down gracefully.
 
-    async with Runtime(config) as runtime, trio.open_nursery() as nursery:
-        server = await nursery.start(serve, runtime, config)
-        token = issue_token("demo", load_secret(config), ttl=config.token_ttl)
-        print(_banner(config, server.port, token), flush=True)
+    On a signal: stop accepting connections, cancel active runs (reason
+    ``shutdown``, each ending with its terminal event within
+    ``shutdown_grace``), send connections every event, close them with 1001.
+    """
+    from ._gateway import Gateway, serve
+    from ._runtime import Runtime
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with Runtime(config) as runtime:
+            gateway = Gateway(runtime, config)
+            async with trio.open_nursery() as nursery:
+                info = await nursery.start(partial(serve, runtime, config, gateway=gateway))
+                token = issue_token("demo", load_secret(config), ttl=config.token_ttl)
+                print(_banner(config, info.url, token), flush=True)
+                async for signum in signals:
+                    print(f"netra-actors: {signal.Signals(signum).name}, shutting down", flush=True)
+                    break
+                gateway.accepting = False
+                # Stop listening; connections live in their sessions and end with them.
+                nursery.cancel_scope.cancel()
+            await runtime.aclose()
+    print("netra-actors: stopped", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,10 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
-        try:
-            trio.run(_serve, config)
-        except KeyboardInterrupt:
-            print("netra-actors: stopped", file=sys.stderr)
+        trio.run(_serve, config)
         return 0
     except (NetraError, ValueError) as exc:
         print(f"netra-actors: {exc}", file=sys.stderr)

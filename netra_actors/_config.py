@@ -24,6 +24,11 @@ from ._exceptions import ConfigError
 ENV_PREFIX = "NETRA_ACTORS_"
 
 
+def _origins(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(item.strip().rstrip("/") for item in items if item.strip())
+
+
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     # Written so that NaN and infinity are refused too.
     if not 0 < value < math.inf:
@@ -60,6 +65,11 @@ class Config:
     tool_timeout: float = attrs.field(
         default=60.0, validator=_positive, metadata={"help": "default per-tool timeout, seconds"}
     )
+    tool_cancel_grace: float = attrs.field(
+        default=5.0,
+        validator=_positive,
+        metadata={"help": "a cancelled tool not stopped after this long is abandoned"},
+    )
     window_events: int = attrs.field(
         default=10_000,
         validator=_positive,
@@ -79,6 +89,74 @@ class Config:
         default=86_400.0, validator=_positive, metadata={"help": "default token lifetime, seconds"}
     )
     log_level: str = attrs.field(default="info", metadata={"help": "debug, info, warning, error"})
+    # -- the gateway: handshakes, limits, liveness ---------------------------------------
+    tls_cert: Path | None = attrs.field(
+        default=None, metadata={"help": "PEM certificate: serve wss:// (with --tls-key)"}
+    )
+    tls_key: Path | None = attrs.field(default=None, metadata={"help": "PEM private key"})
+    allowed_origins: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_origins,
+        metadata={
+            "help": "comma-separated Origin allow-list for browsers ('*' for any); "
+            "requests without Origin and the server's own page are always allowed"
+        },
+    )
+    max_connections: int = attrs.field(
+        default=10_000, validator=_positive, metadata={"help": "server-wide connection cap (503)"}
+    )
+    max_connections_per_user: int = attrs.field(
+        default=16, validator=_positive, metadata={"help": "connections per user (429)"}
+    )
+    handshake_timeout: float = attrs.field(
+        default=10.0, validator=_positive, metadata={"help": "seconds to complete a handshake"}
+    )
+    receive_queue: int = attrs.field(
+        default=16, validator=_positive, metadata={"help": "client frames buffered per connection"}
+    )
+    send_timeout: float = attrs.field(
+        default=30.0,
+        validator=_positive,
+        metadata={"help": "a connection that cannot send one frame for this long is aborted"},
+    )
+    heartbeat_interval: float = attrs.field(
+        default=20.0, validator=_positive, metadata={"help": "seconds between server pings"}
+    )
+    heartbeat_timeout: float = attrs.field(
+        default=20.0,
+        validator=_positive,
+        metadata={"help": "a ping unanswered for this long aborts the connection"},
+    )
+    rate_limit: float = attrs.field(
+        default=20.0,
+        validator=_positive,
+        metadata={"help": "client frames per second per user (sustained); over it: close 4029"},
+    )
+    rate_burst: int = attrs.field(
+        default=60, validator=_positive, metadata={"help": "client frames per user in a burst"}
+    )
+    # -- sessions and runs ---------------------------------------------------------------
+    window_max_age: float = attrs.field(
+        default=3600.0,
+        validator=_positive,
+        metadata={"help": "seconds an event stays in the replay window"},
+    )
+    idle_session_grace: float = attrs.field(
+        default=300.0,
+        validator=_positive,
+        metadata={"help": "an idle session (no connection, no run) is closed after this long"},
+    )
+    thread_policy: str = attrs.field(
+        default="enqueue",
+        validator=attrs.validators.in_(("enqueue", "reject", "interrupt")),
+        metadata={"help": "message for a busy thread: enqueue, reject or interrupt"},
+    )
+    max_queued_per_thread: int = attrs.field(
+        default=16, validator=_positive, metadata={"help": "queued runs per thread"}
+    )
+    max_active_runs_per_user: int = attrs.field(
+        default=4, validator=_positive, metadata={"help": "concurrently executing runs per user"}
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -134,7 +212,11 @@ def _parse_flag(field: attrs.Attribute[Any], raw: str) -> Any:
 
 
 def _parse(field: attrs.Attribute[Any], raw: str) -> Any:
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    kind = str(field.type)
+    if kind.endswith(" | None"):
+        if raw.strip().lower() in ("", "none"):
+            return None
+        kind = kind.removesuffix(" | None")
     try:
         if kind == "int":
             return int(raw)

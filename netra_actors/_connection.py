@@ -1,11 +1,15 @@
 """The connection actor: one per open WebSocket, a child of its user's session.
 
-Two tasks: the reader drains every incoming frame (so transport-level pings
-keep being answered) and turns it into requests to the session; the writer is
-the only task that sends on the transport, from the connection's subscription
-(direct replies, then the session's events in ``seq`` order). Bad input gets a
-typed ``error`` frame and the connection stays usable. When either task ends,
-the other is cancelled and the transport is closed with a code.
+Three tasks. The reader drains every incoming frame (so transport-level pings
+keep being answered) and turns it into requests to the session. The writer is
+the only task that sends on the transport: direct replies, then the session's
+events in ``seq`` order, read through the connection's own cursor. The
+heartbeat pings the peer. Bad input gets a typed ``error`` frame and the
+connection stays usable. When any task ends the connection, the others are
+cancelled and the transport is closed with a code (see docs/protocol.md).
+
+A send that makes no progress for ``send_timeout`` seconds is never cancelled
+and then reused (that would tear the frame): the connection is aborted.
 """
 
 from __future__ import annotations
@@ -16,32 +20,43 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._exceptions import ProtocolError, RuntimeClosed, TransportClosed
-from ._messages import CancelRequest, Ping, UserMessage
+from ._config import Config
+from ._exceptions import ProtocolError, RunRefused, RuntimeClosed, TransportClosed
+from ._messages import CancelRequest, Ping, ResumeRequest, UserMessage
 from ._protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
+    CLOSE_LAGGING,
+    CLOSE_RATE_LIMITED,
+    CLOSE_TOO_BIG,
     PONG_FRAME,
     error_frame,
     parse_client_frame,
+    resume_gap_frame,
     run_accepted_frame,
     session_ready_frame,
 )
 from ._sequencer import Subscription, SubscriptionLagged
 from ._trace import UnifiedTraceContext
-from ._transport import Transport
+from ._transport import CLOSE_ABNORMAL, Transport
 
 if TYPE_CHECKING:
     from ._session import Session
 
 logger = logging.getLogger("netra_actors.connection")
 
-#: Close code for a connection whose cursor fell out of the replay window.
-CLOSE_LAGGING = 4008
+
+class _Close(Exception):
+    """Ends the connection with ``code`` (raised by the reader or the heartbeat)."""
+
+    def __init__(self, code: int, *, abort: bool = False) -> None:
+        super().__init__(code)
+        self.code = code
+        self.abort = abort
 
 
 class Connection:
-    """One client connection of a session (state owned by its two tasks only)."""
+    """One client connection of a session (state owned by its tasks only)."""
 
     def __init__(
         self,
@@ -49,15 +64,40 @@ class Connection:
         transport: Transport,
         *,
         connection_id: str,
+        config: Config | None = None,
         traceparent: str | None = None,
+        after_seq: int | None = None,
+        session_hint: str | None = None,
     ) -> None:
         self.session = session
         self.transport = transport
         self.connection_id = connection_id
+        self.config = config or Config()
         self.traceparent = traceparent
+        self.after_seq = after_seq
+        self.session_hint = session_hint
         self.subscription: Subscription | None = None
         self.done = trio.Event()
         self.close_code: int | None = None
+
+    def _resume(self, sub: Subscription, after_seq: int, session_id: str | None) -> None:
+        """Point ``sub`` just after ``after_seq``, or send ``resume_gap`` if that is not exact.
+
+        Not exact: another stream's ``session_id``, ``after_seq`` beyond the last
+        event, or events after it that are no longer kept. The stream then
+        continues from the oldest event kept; nothing is skipped silently.
+        """
+        session = self.session
+        window = session.sequencer.window
+        oldest, last = window.oldest_seq, window.last_seq
+        exact = (session_id is None or session_id == session.session_id) and (
+            oldest - 1 <= after_seq <= last
+        )
+        if exact:
+            sub.reposition(after_seq)
+        else:
+            sub.push_direct(resume_gap_frame(session.session_id, oldest, last))
+            sub.reposition(oldest - 1)
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or the session ends.
@@ -69,82 +109,142 @@ class Connection:
         # every event with seq > last_seq and nothing before it.
         sub = self.subscription = session.subscribe()
         sub.push_direct(session_ready_frame(session.session_id, session.user_id, sub.cursor))
-        session.connections += 1
-        code = CLOSE_GOING_AWAY
+        if self.after_seq is not None:
+            self._resume(sub, self.after_seq, self.session_hint)
+        session.connection_opened()
+        code, abort = CLOSE_GOING_AWAY, False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader, nursery.cancel_scope)
-                code = await self._writer(sub)
+                nursery.start_soon(self._heartbeat)
+                code, abort = await self._writer(sub)
                 nursery.cancel_scope.cancel()
-        except Exception:
+        except* _Close as group:
+            close = group.exceptions[0]
+            assert isinstance(close, _Close)
+            code, abort = close.code, close.abort
+        except* Exception:
             logger.exception("connection %s failed", self.connection_id)
             code = CLOSE_INTERNAL
         finally:
-            session.connections -= 1
+            session.connection_closed()
             sub.close()
-            self.close_code = code
+            self.close_code = CLOSE_ABNORMAL if abort else code
             with trio.CancelScope(shield=True) as shield:
                 shield.deadline = trio.current_time() + 2
                 try:
-                    await self.transport.close(code)
+                    if abort:
+                        await self.transport.abort()
+                    else:
+                        await self.transport.close(code)
                 except Exception:
                     logger.debug("close of %s failed", self.connection_id, exc_info=True)
+                if shield.cancelled_caught:
+                    await self.transport.abort()
             self.done.set()
 
-    async def _writer(self, sub: Subscription) -> int:
-        """Send direct frames and events in order; the close code when the stream ends."""
+    async def _send(self, text: str) -> None:
+        with trio.move_on_after(self.config.send_timeout):
+            await self.transport.send_text(text)
+            return
+        # The peer has not taken one frame for send_timeout seconds. The send was
+        # cancelled mid-frame, so the connection cannot be used again: abort it.
+        raise _Close(CLOSE_ABNORMAL, abort=True)
+
+    async def _writer(self, sub: Subscription) -> tuple[int, bool]:
+        """Send direct frames and events in order; ``(close code, abort)`` when done."""
         try:
             while True:
                 batch = await sub.next_batch()
                 if batch is None:
-                    return CLOSE_GOING_AWAY
+                    return CLOSE_GOING_AWAY, False
                 direct, events = batch
                 for frame in direct:
-                    await self.transport.send_text(frame)
+                    await self._send(frame)
                 for event in events:
-                    await self.transport.send_text(event.frame)
+                    await self._send(event.frame)
         except TransportClosed as exc:
-            return exc.code or 1000
+            return exc.code or 1000, False
         except SubscriptionLagged:
-            return CLOSE_LAGGING
+            return CLOSE_LAGGING, False
+        except _Close as close:
+            return close.code, close.abort
+
+    async def _heartbeat(self) -> None:
+        interval, timeout = self.config.heartbeat_interval, self.config.heartbeat_timeout
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(timeout):
+                try:
+                    await self.transport.ping()
+                except TransportClosed:
+                    return
+                continue
+            raise _Close(CLOSE_ABNORMAL, abort=True)
 
     async def _reader(self, done: trio.CancelScope) -> None:
         assert self.subscription is not None
         reply = self.subscription.push_direct
+        limit = self.config.max_frame_bytes
         try:
             while True:
                 message = await self.transport.receive()
+                # trio-websocket's limit counts characters; the documented limit is bytes.
+                if (
+                    isinstance(message, str)
+                    and len(message) * 4 > limit  # cheap test first: at most 4 bytes a character
+                    and len(message.encode("utf-8", "surrogatepass")) > limit
+                ):
+                    raise _Close(CLOSE_TOO_BIG)
+                if not self.session.rate_limiter.allow():
+                    reply(error_frame("rate_limited", "too many frames; slow down"))
+                    raise _Close(CLOSE_RATE_LIMITED)
                 try:
                     await self._handle(message, reply)
                 except ProtocolError as exc:
                     reply(error_frame(exc.code, str(exc), exc.client_msg_id))
-                except RuntimeClosed as exc:
-                    # The session is ending: the writer flushes its last events and closes.
-                    reply(error_frame("unavailable", str(exc)))
                 except Exception as exc:
                     logger.exception("frame from %s failed", self.connection_id)
                     reply(error_frame("internal", f"internal error: {type(exc).__name__}"))
         except TransportClosed:
             pass
-        # The client is gone (or the session is): nothing more to write.
+        # The client is gone: nothing more to write.
         done.cancel()
 
     async def _handle(self, message: str | bytes, reply: Callable[[str], None]) -> None:
-        match parse_client_frame(message):
-            case UserMessage() as msg:
-                trace = UnifiedTraceContext.from_traceparent(msg.traceparent or self.traceparent)
-                admission = await self.session.start_run(
-                    msg.text, thread_id=msg.thread_id, client_msg_id=msg.client_msg_id, trace=trace
-                )
-                if admission.accepted:
-                    reply(
-                        run_accepted_frame(admission.run_id, admission.thread_id, msg.client_msg_id)
+        parsed = parse_client_frame(message)
+        client_msg_id = getattr(parsed, "client_msg_id", None)
+        try:
+            match parsed:
+                case UserMessage() as msg:
+                    trace = UnifiedTraceContext.from_traceparent(
+                        msg.traceparent or self.traceparent
                     )
-                else:
-                    raise RuntimeClosed(admission.message or "run refused")
-            case CancelRequest(run_id=run_id):
-                outcome = await self.session.cancel_run(run_id, "client")
-                if outcome.state == "not_found":
-                    raise ProtocolError("not_found", f"no queued or active run {run_id!r}")
-            case Ping():
-                reply(PONG_FRAME)
+                    admission = await self.session.start_run(
+                        msg.text,
+                        thread_id=msg.thread_id,
+                        client_msg_id=msg.client_msg_id,
+                        trace=trace,
+                        policy=msg.policy,
+                    )
+                    if not admission.accepted:
+                        raise RunRefused(admission.code or "unavailable", admission.message or "")
+                    reply(run_accepted_frame(admission.run_id, admission.thread_id, client_msg_id))
+                case CancelRequest(run_id=run_id):
+                    outcome = await self.session.cancel_run(run_id, "client")
+                    if outcome.state == "not_found":
+                        raise ProtocolError(
+                            "not_found",
+                            f"no queued or active run {run_id!r}",
+                            client_msg_id=client_msg_id,
+                        )
+                case ResumeRequest(after_seq=after_seq, session_id=session_id):
+                    assert self.subscription is not None
+                    self._resume(self.subscription, after_seq, session_id)
+                case Ping():
+                    reply(PONG_FRAME)
+        except RunRefused as exc:
+            raise ProtocolError(exc.code, str(exc), client_msg_id=client_msg_id) from None
+        except RuntimeClosed as exc:
+            # The session is ending: the writer flushes its last events and closes.
+            raise ProtocolError("unavailable", str(exc), client_msg_id=client_msg_id) from None

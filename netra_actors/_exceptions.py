@@ -9,6 +9,7 @@ Hierarchy::
     ├── TransportClosed        the peer or the server closed a transport
     ├── RuntimeClosed          the runtime is shutting down or closed
     ├── RunNotFound            no queued or active run has that id
+    ├── RunRefused             a thread policy or limit refused a run (carries ``code``)
     ├── AgentError             agent code failed (carries ``error_type`` for ``agent_error``)
     │   ├── LLMError           a provider failed (``llm_error``)
     │   └── StepLimitExceeded  the tool-calling loop ran out of steps (``step_limit``)
@@ -61,6 +62,14 @@ class RuntimeClosed(NetraError):
 
 class RunNotFound(NetraError):
     """No queued or active run has this id in this session."""
+
+
+class RunRefused(NetraError):
+    """A run was not admitted; ``code`` is ``busy`` or ``limit_exceeded``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class AgentError(NetraError):

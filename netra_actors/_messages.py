@@ -27,6 +27,9 @@ from ._trace import UnifiedTraceContext
 # --- values ---------------------------------------------------------------------------------
 
 ToolStatus = Literal["ok", "error", "timeout", "cancelled"]
+#: What happens to a ``user_message`` for a thread that has an active run.
+ThreadPolicy = Literal["enqueue", "reject", "interrupt"]
+THREAD_POLICIES: frozenset[str] = frozenset({"enqueue", "reject", "interrupt"})
 
 
 @attrs.frozen
@@ -74,7 +77,12 @@ class ToolResult:
 
 @attrs.frozen
 class RunAdmission:
-    """Reply to ``StartRun``: whether the run was queued or started, or why it was refused."""
+    """Reply to ``StartRun``: whether the run was queued or started, or why it was refused.
+
+    ``code`` of a refusal is an error code of the protocol: ``busy`` (policy
+    ``reject`` and the thread has an active run), ``limit_exceeded`` (the
+    thread's queue is full) or ``unavailable`` (the session is closing).
+    """
 
     run_id: str
     thread_id: str
@@ -99,6 +107,7 @@ class StartRun:
     agent_name: str
     trace: UnifiedTraceContext
     client_msg_id: str | None = None
+    policy: ThreadPolicy = "enqueue"
     reply: trio.MemorySendChannel[RunAdmission] | None = attrs.field(default=None, eq=False)
 
 
@@ -164,9 +173,11 @@ class CancelToolCall:
     """Cancel an executing tool call. Sent by a run task that is being cancelled.
 
     The original ``ExecuteTool`` is then answered with status ``cancelled``
-    (unless the tool had already finished).
+    (unless the tool had already finished). Calls are keyed by run and call id:
+    models reuse call ids across runs.
     """
 
+    run_id: str
     call_id: str
 
 
@@ -225,6 +236,7 @@ class UserMessage:
     thread_id: str = "main"
     client_msg_id: str | None = None
     traceparent: str | None = None
+    policy: ThreadPolicy | None = None
 
 
 @attrs.frozen
@@ -232,6 +244,16 @@ class CancelRequest:
     """A client's ``cancel`` frame, validated."""
 
     run_id: str
+    client_msg_id: str | None = None
+
+
+@attrs.frozen
+class ResumeRequest:
+    """A client's ``resume`` frame: restart this connection's stream after ``after_seq``."""
+
+    after_seq: int
+    session_id: str | None = None
+    client_msg_id: str | None = None
 
 
 @attrs.frozen
@@ -239,4 +261,4 @@ class Ping:
     """A client's ``ping`` frame."""
 
 
-ClientMessage = UserMessage | CancelRequest | Ping
+ClientMessage = UserMessage | CancelRequest | ResumeRequest | Ping

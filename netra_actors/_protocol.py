@@ -8,18 +8,36 @@ docs/protocol.md): later versions add entries, never rename.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import orjson
 
 from ._exceptions import ProtocolError
-from ._messages import CancelRequest, ClientMessage, Ping, UserMessage
+from ._messages import (
+    THREAD_POLICIES,
+    CancelRequest,
+    ClientMessage,
+    Ping,
+    ResumeRequest,
+    ThreadPolicy,
+    UserMessage,
+)
 
 PROTOCOL_VERSION: Final = 1
 
 #: ``error.code`` of an ``error`` frame.
 ERROR_CODES: Final = frozenset(
-    {"bad_json", "bad_frame", "unknown_type", "not_found", "internal", "unavailable"}
+    {
+        "bad_json",
+        "bad_frame",
+        "unknown_type",
+        "not_found",
+        "internal",
+        "unavailable",
+        "busy",
+        "limit_exceeded",
+        "rate_limited",
+    }
 )
 #: ``agent_error.error.type``.
 AGENT_ERROR_TYPES: Final = frozenset(
@@ -52,6 +70,13 @@ CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL: Final = 1011
+#: The connection's cursor fell out of the replay window; reconnect with ``after_seq``.
+CLOSE_LAGGING: Final = 4008
+#: The user sent frames faster than the configured rate.
+CLOSE_RATE_LIMITED: Final = 4029
+
+#: The WebSocket subprotocol of protocol v1 (selected when the client proposes it).
+SUBPROTOCOL: Final = "netra.v1"
 
 #: Longest accepted ``thread_id`` / ``client_msg_id`` / ``run_id``, in characters.
 MAX_ID_LENGTH: Final = 128
@@ -117,11 +142,19 @@ def parse_client_frame(message: str | bytes) -> ClientMessage:
                 )
             thread_id = _identifier(obj, "thread_id", client_msg_id) or "main"
             _identifier(obj, "client_msg_id", client_msg_id)
+            policy = _optional_str(obj, "policy", client_msg_id)
+            if policy is not None and policy not in THREAD_POLICIES:
+                raise ProtocolError(
+                    "bad_frame",
+                    f"'policy' must be one of {sorted(THREAD_POLICIES)}",
+                    client_msg_id=client_msg_id,
+                )
             return UserMessage(
                 text=text,
                 thread_id=thread_id,
                 client_msg_id=client_msg_id,
                 traceparent=_optional_str(obj, "traceparent", client_msg_id),
+                policy=cast(ThreadPolicy | None, policy),
             )
         case "cancel":
             run_id = _identifier(obj, "run_id", client_msg_id)
@@ -129,7 +162,20 @@ def parse_client_frame(message: str | bytes) -> ClientMessage:
                 raise ProtocolError(
                     "bad_frame", "'run_id' must be a string", client_msg_id=client_msg_id
                 )
-            return CancelRequest(run_id=run_id)
+            return CancelRequest(run_id=run_id, client_msg_id=client_msg_id)
+        case "resume":
+            after_seq = obj.get("after_seq")
+            if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < 0:
+                raise ProtocolError(
+                    "bad_frame",
+                    "'after_seq' must be a non-negative integer",
+                    client_msg_id=client_msg_id,
+                )
+            return ResumeRequest(
+                after_seq=after_seq,
+                session_id=_identifier(obj, "session_id", client_msg_id),
+                client_msg_id=client_msg_id,
+            )
         case "ping":
             return Ping()
         case _:
@@ -166,6 +212,18 @@ def run_accepted_frame(run_id: str, thread_id: str, client_msg_id: str | None) -
 
 
 PONG_FRAME: Final = encode({"type": "pong"})
+
+
+def resume_gap_frame(session_id: str, oldest_seq: int, last_seq: int) -> str:
+    """Sent when a resume cannot be served exactly; the stream continues from ``oldest_seq``."""
+    return encode(
+        {
+            "type": "resume_gap",
+            "session_id": session_id,
+            "oldest_seq": oldest_seq,
+            "last_seq": last_seq,
+        }
+    )
 
 
 def error_frame(code: str, message: str, client_msg_id: str | None = None) -> str:

@@ -19,10 +19,10 @@ import trio
 from ._agents import Agent, demo_agent, demo_llm, demo_tools
 from ._config import Config
 from ._connection import Connection
-from ._exceptions import NetraError, RuntimeClosed
+from ._exceptions import NetraError, RunRefused, RuntimeClosed
 from ._llm import LLMManager, LLMProvider
 from ._manager import UnifiedWebSocketManager
-from ._messages import TERMINAL_EVENTS, CancelOutcome, Event
+from ._messages import TERMINAL_EVENTS, CancelOutcome, Event, ThreadPolicy
 from ._sequencer import EventStore, Subscription
 from ._session import Session, SessionServices, SessionStatistics
 from ._tools import ToolRegistry, UnifiedToolExecutionEngine
@@ -85,6 +85,10 @@ class RunHandle:
         """Cancel the run (queued or active)."""
         return await self.session.cancel_run(self.run_id, reason)
 
+    def close(self) -> None:
+        """Stop reading the run's events (and stop pacing the session); idempotent."""
+        self._subscription.close()
+
 
 class Runtime:
     """Sessions, agents, tools and the LLM manager of one process.
@@ -123,9 +127,8 @@ class Runtime:
             default_agent=default_agent,
             engine=self.engine,
             llm=self.llm,
-            window_events=self.config.window_events,
+            config=self.config,
             store=store,
-            terminal_grace=self.config.shutdown_grace,
         )
         self.manager = UnifiedWebSocketManager()
         self._nursery: trio.Nursery | None = None
@@ -153,8 +156,17 @@ class Runtime:
             self._nursery.cancel_scope.cancel()
         return await self._nursery_cm.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
 
+    @property
+    def closing(self) -> bool:
+        """Whether shutdown has begun (no new sessions or runs are accepted)."""
+        return self._closing
+
     async def aclose(self) -> None:
-        """Shut down gracefully: stop taking runs, cancel runs (``shutdown``), close sessions."""
+        """Shut down gracefully: stop taking runs, cancel runs (``shutdown``), close sessions.
+
+        Each session's active runs get ``config.shutdown_grace`` seconds to emit
+        their terminal events; connections receive every event, then close 1001.
+        """
         if self._closing:
             return
         self._closing = True
@@ -186,11 +198,17 @@ class Runtime:
         agent: str | None = None,
         client_msg_id: str | None = None,
         traceparent: str | None = None,
+        policy: ThreadPolicy | None = None,
     ) -> RunHandle:
         """Start (or queue) a run for ``user_id``; iterate the handle's ``events()``.
 
+        The handle's reader paces the session like a connection does: iterate
+        its ``events()`` (or ``close()`` it) so that it does not hold the
+        session's producers back once the window is full.
+
         Raises:
             RuntimeClosed: the runtime or the session is shutting down.
+            RunRefused: the thread policy or a limit refused the run.
         """
         session = await self.session(user_id)
         # Subscribe before the run is admitted, so none of its events can be missed.
@@ -202,9 +220,12 @@ class Runtime:
                 agent=agent,
                 client_msg_id=client_msg_id,
                 trace=UnifiedTraceContext.from_traceparent(traceparent),
+                policy=policy,
             )
             if not admission.accepted:
-                raise RuntimeClosed(admission.message or "run refused")
+                if admission.code == "unavailable":
+                    raise RuntimeClosed(admission.message or "session is closing")
+                raise RunRefused(admission.code or "refused", admission.message or "run refused")
         except BaseException:
             subscription.close()
             raise
@@ -218,18 +239,33 @@ class Runtime:
         return await session.cancel_run(run_id, reason)
 
     async def serve_connection(
-        self, user_id: str, transport: Transport, *, traceparent: str | None = None
+        self,
+        user_id: str,
+        transport: Transport,
+        *,
+        traceparent: str | None = None,
+        after_seq: int | None = None,
+        session_hint: str | None = None,
     ) -> Connection:
         """Run a connection actor for ``transport`` in the user's session until it ends.
 
         The connection actor lives in the session's nursery (the session
         supervises it); this waits for it, so a server's handler task can keep
-        the underlying socket open for exactly as long as it is needed. Returns
-        the finished ``Connection`` (its ``close_code`` says how it ended).
+        the underlying socket open for exactly as long as it is needed. With
+        ``after_seq`` the connection resumes: it first receives the events after
+        it (or a ``resume_gap`` when that cannot be served exactly; also when
+        ``session_hint`` names another stream). Returns the finished
+        ``Connection`` (its ``close_code`` says how it ended).
         """
         session = await self.session(user_id)
         connection = Connection(
-            session, transport, connection_id=f"conn_{next(self._ids)}", traceparent=traceparent
+            session,
+            transport,
+            connection_id=f"conn_{next(self._ids)}",
+            config=self.config,
+            traceparent=traceparent,
+            after_seq=after_seq,
+            session_hint=session_hint,
         )
         self.manager.add_connection(user_id, connection)
         try:

@@ -10,10 +10,11 @@ the sequencer or another reader.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import orjson
@@ -25,13 +26,16 @@ from ._messages import EmitEvent, Event
 class ReplayWindow:
     """The most recent events of a session, by ``seq`` (no I/O).
 
-    Holds at most ``max_events`` events; older ones fall out. Because ``seq`` is
-    gap-free, lookup by ``seq`` is index arithmetic.
+    Holds at most ``max_events`` events, none more than ``max_age`` seconds
+    older than the newest (by their ``ts``); older ones fall out. Because
+    ``seq`` is gap-free, lookup by ``seq`` is index arithmetic.
     """
 
-    def __init__(self, max_events: int) -> None:
+    def __init__(self, max_events: int, max_age: float | None = None) -> None:
         if max_events < 1:
             raise ValueError("max_events must be at least 1")
+        self.capacity = max_events
+        self.max_age = max_age
         self._events: deque[Event] = deque(maxlen=max_events)
         self._last_seq = 0
 
@@ -54,6 +58,10 @@ class ReplayWindow:
             raise ValueError(f"seq {event.seq} does not follow {self._last_seq}")
         self._events.append(event)
         self._last_seq = event.seq
+        if self.max_age is not None:
+            horizon = event.ts - self.max_age
+            while self._events[0].ts < horizon:
+                self._events.popleft()
 
     def after(self, seq: int, limit: int | None = None) -> list[Event]:
         """The events with ``seq`` greater than ``seq``, oldest first (at most ``limit``).
@@ -68,6 +76,19 @@ class ReplayWindow:
             raise LookupError(f"events after seq {seq} are no longer in the window")
         stop = len(self._events) if limit is None else min(len(self._events), start + limit)
         return [self._events[i] for i in range(start, stop)]
+
+
+def _encode_event(frame: dict[str, Any]) -> str:
+    """The event's JSON text. Never raises: values JSON cannot carry become strings.
+
+    Event data comes partly from agent and tool code; a value orjson refuses
+    (an object, a set, an integer beyond 64 bits, a non-string key) must not
+    take the sequencer, and with it the session, down.
+    """
+    try:
+        return orjson.dumps(frame, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(frame, default=str, ensure_ascii=False)
 
 
 class EventStore(Protocol):
@@ -103,20 +124,38 @@ class Subscription:
     that are pending at the same time.
     """
 
-    def __init__(self, sequencer: SessionSequencer, after_seq: int) -> None:
+    #: Direct frames that may wait for the writer; past this the reader is not reading.
+    MAX_DIRECT = 256
+
+    def __init__(self, sequencer: SessionSequencer, after_seq: int, *, paces: bool = True) -> None:
         self._sequencer = sequencer
         self.cursor = after_seq
+        self.paces = paces
         self._direct: deque[str] = deque()
         self._wake = trio.Event()
         self.closed = False
+        self._overflowed = False
 
     def notify(self) -> None:
         """Wake the owner (new events, a direct frame, or the end of the stream)."""
         self._wake.set()
 
     def push_direct(self, frame: str) -> None:
-        """Queue a frame for this reader only."""
-        self._direct.append(frame)
+        """Queue a frame for this reader only.
+
+        Past ``MAX_DIRECT`` waiting frames the reader is not keeping up with its
+        own replies: its next ``next_batch`` raises ``SubscriptionLagged``.
+        """
+        if len(self._direct) >= self.MAX_DIRECT:
+            self._overflowed = True
+        else:
+            self._direct.append(frame)
+        self._wake.set()
+
+    def reposition(self, after_seq: int) -> None:
+        """Restart the stream after ``after_seq`` (a client's ``resume``)."""
+        self.cursor = after_seq
+        self._sequencer._room_changed()
         self._wake.set()
 
     def close(self) -> None:
@@ -124,6 +163,7 @@ class Subscription:
         if not self.closed:
             self.closed = True
             self._sequencer._subscriptions.discard(self)
+            self._sequencer._room_changed()
             self._wake.set()
 
     async def next_batch(self, limit: int = 256) -> tuple[list[str], list[Event]] | None:
@@ -138,6 +178,8 @@ class Subscription:
         while True:
             if self.closed:
                 return None
+            if self._overflowed:
+                raise SubscriptionLagged(f"more than {self.MAX_DIRECT} replies waiting")
             direct: list[str] = []
             if self._direct:
                 direct = list(self._direct)
@@ -151,6 +193,8 @@ class Subscription:
                 ) from None
             if events:
                 self.cursor = events[-1].seq
+                if self.paces:
+                    self._sequencer._room_changed()
             if direct or events:
                 return direct, events
             if self._sequencer.ended:
@@ -174,25 +218,51 @@ class SessionSequencer:
         session_id: str,
         *,
         window_events: int,
+        window_max_age: float | None = None,
         store: EventStore | None = None,
         last_seq: int = 0,
     ) -> None:
         self.session_id = session_id
-        self.window = ReplayWindow(window_events)
+        self.window = ReplayWindow(window_events, window_max_age)
         self.window._last_seq = last_seq
         self._store = store
         self._subscriptions: set[Subscription] = set()
         self.ended = False
         self._backlog = 0
+        self._room = trio.Event()
+        self.paced_waits = 0
 
-    def subscribe(self, after_seq: int | None = None) -> Subscription:
-        """A new reader whose cursor starts after ``after_seq`` (default: the newest event)."""
-        sub = Subscription(self, self.window.last_seq if after_seq is None else after_seq)
+    def subscribe(self, after_seq: int | None = None, *, paces: bool = True) -> Subscription:
+        """A new reader whose cursor starts after ``after_seq`` (default: the newest event).
+
+        A pacing reader (``paces``) holds the producer back when even the
+        fastest pacing reader is a whole window behind (see ``run``).
+        """
+        sub = Subscription(
+            self, self.window.last_seq if after_seq is None else after_seq, paces=paces
+        )
         if self.ended:
             sub.closed = True
         else:
             self._subscriptions.add(sub)
         return sub
+
+    def _room_changed(self) -> None:
+        self._room.set()
+
+    def room(self) -> int:
+        """How many events may be appended before a pacing reader would lose one."""
+        leads = [sub.cursor for sub in self._subscriptions if sub.paces]
+        if not leads:
+            return self.window.capacity
+        return self.window.capacity - (self.window.last_seq - max(leads))
+
+    async def _wait_for_room(self) -> int:
+        while (room := self.room()) <= 0:
+            self.paced_waits += 1
+            self._room = trio.Event()
+            await self._room.wait()
+        return room
 
     def statistics(self) -> SequencerStatistics:
         return SequencerStatistics(
@@ -203,7 +273,7 @@ class SessionSequencer:
         )
 
     def _stamp(self, msg: EmitEvent, seq: int, ts: float) -> Event:
-        frame = orjson.dumps(
+        frame = _encode_event(
             {
                 "type": msg.type,
                 "seq": seq,
@@ -214,7 +284,7 @@ class SessionSequencer:
                 "span_id": msg.trace.span_id,
                 "data": msg.data,
             }
-        ).decode()
+        )
         return Event(
             seq=seq,
             type=msg.type,
@@ -228,12 +298,19 @@ class SessionSequencer:
         )
 
     async def run(self, inbox: trio.MemoryReceiveChannel[EmitEvent]) -> None:
-        """Stamp and publish events until ``inbox`` is closed by all its senders."""
+        """Stamp and publish events until ``inbox`` is closed by all its senders.
+
+        Pacing: the producer is held back only when the window is full of events
+        that no pacing reader has taken yet, so it runs at the speed of the
+        fastest reader, never of a slower one (which falls out of the window and
+        is told so). With no pacing reader, nothing holds it back.
+        """
         try:
             async for first in inbox:
+                room = await self._wait_for_room()
                 batch = [first]
                 # Drain what is already queued: one store write and one wake-up per batch.
-                while len(batch) < 512:
+                while len(batch) < min(room, 512):
                     try:
                         batch.append(inbox.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):

@@ -6,6 +6,7 @@ Actors of one session (all children of ``Session.run``'s nursery)::
     agent actor     admits, queues, starts and cancels runs; one task per active run
     tool executor   runs tool calls and emits their events
     connections     one actor per open WebSocket (reader + writer tasks)
+    idle watch      closes the session once it has been idle for the grace period
 
 They share no mutable state and talk through memory channels (messages in
 ``_messages``). A fault in one run becomes that run's ``agent_error``; a fault
@@ -16,9 +17,10 @@ runs and connections, nor any other session.
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
-from collections import deque
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import attrs
@@ -26,6 +28,7 @@ import trio
 
 from ._agents import Agent
 from ._bridge import AgentWebSocketBridge
+from ._config import Config
 from ._exceptions import AgentError, RuntimeClosed
 from ._llm import LLMManager
 from ._messages import (
@@ -38,14 +41,18 @@ from ._messages import (
     RunAdmission,
     RunFinished,
     StartRun,
+    ThreadPolicy,
     ToolInbox,
 )
 from ._sequencer import EventStore, SessionSequencer, Subscription
 from ._tools import UnifiedToolExecutionEngine, run_tool_executor
+from ._trace import UnifiedTraceContext
+
+logger = logging.getLogger("netra_actors.session")
 
 INBOX_CAPACITY = 64
-_T = TypeVar("_T")
 EVENT_INBOX_CAPACITY = 256
+_T = TypeVar("_T")
 
 
 @attrs.define
@@ -56,9 +63,8 @@ class SessionServices:
     default_agent: str
     engine: UnifiedToolExecutionEngine
     llm: LLMManager
-    window_events: int = 10_000
+    config: Config = attrs.field(factory=Config)
     store: EventStore | None = None
-    terminal_grace: float = 5.0
 
 
 @attrs.frozen
@@ -72,6 +78,8 @@ class SessionStatistics:
     queued_runs: int
     connections: int
     window_events: int
+    subscriptions: int
+    paced_waits: int
 
 
 def _leaf_errors(exc: BaseException) -> list[BaseException]:
@@ -97,6 +105,31 @@ def classify_agent_failure(exc: BaseException) -> ErrorInfo | None:
     return ErrorInfo("internal", f"{type(first).__name__}: {first}")
 
 
+class RateLimiter:
+    """A token bucket: ``rate`` frames per second sustained, ``burst`` at once.
+
+    One per session (the user's frames across all their connections). It is
+    only ever touched synchronously from the session's own trio thread.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._at: float | None = None
+
+    def allow(self) -> bool:
+        """Take one token; ``False`` when the user is over the rate."""
+        now = trio.current_time()
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
 class _RunControl:
     """The agent actor's handle on one of its active runs (owned by the agent actor)."""
 
@@ -104,11 +137,22 @@ class _RunControl:
         self.thread_id = thread_id
         self.scope = trio.CancelScope()
         self.reason = "client"
+        #: Set by the run task, in the same step as it chooses its terminal event.
+        self.decided = False
 
-    def cancel(self, reason: str) -> None:
+    def cancel(self, reason: str) -> bool:
+        """Cancel the run unless it has already chosen its terminal event.
+
+        Returns whether the run will end ``agent_cancelled``. Both this and the
+        run's decision are synchronous steps of one trio thread, so a cancel
+        answered ``active`` is always reported as ``agent_cancelled``.
+        """
+        if self.decided:
+            return False
         if not self.scope.cancel_called:
             self.reason = reason
             self.scope.cancel()
+        return True
 
 
 class Session:
@@ -126,13 +170,18 @@ class Session:
         session_id: str | None = None,
         on_closed: Callable[[Session], None] | None = None,
     ) -> None:
+        config = services.config
         self.user_id = user_id
         self.session_id = session_id or "sess_" + uuid.uuid4().hex
         self._services = services
         self._on_closed = on_closed
         self.sequencer = SessionSequencer(
-            self.session_id, window_events=services.window_events, store=services.store
+            self.session_id,
+            window_events=config.window_events,
+            window_max_age=config.window_max_age,
+            store=services.store,
         )
+        self.rate_limiter = RateLimiter(config.rate_limit, config.rate_burst)
         self._emit_send, self._emit_recv = trio.open_memory_channel[EmitEvent](EVENT_INBOX_CAPACITY)
         self._agent_send, self._agent_recv = trio.open_memory_channel[AgentInbox](INBOX_CAPACITY)
         self._tool_send, self._tool_recv = trio.open_memory_channel[ToolInbox](INBOX_CAPACITY)
@@ -140,50 +189,77 @@ class Session:
         self._ready = trio.Event()
         self._closed = trio.Event()
         self._runs_done = trio.Event()
+        self._state_changed = trio.Event()
         self.closing = False
-        # Counts kept by the agent actor for statistics() only.
+        # Written by their owning actors, read by statistics() and the idle watch.
         self._active = 0
         self._queued = 0
-        self.connections = 0
+        self._connections = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The session's supervisor: runs every actor until ``aclose`` or cancellation."""
+        """The session's supervisor: runs every actor until the session closes.
+
+        Cancelling it cancels every actor at once (runs still try to emit their
+        ``agent_cancelled``).
+        """
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self.sequencer.run, self._emit_recv)
-                nursery.start_soon(
-                    run_tool_executor,
-                    self._services.engine,
-                    self._tool_recv,
-                    self._emit_send.clone(),
-                )
-                nursery.start_soon(self._agent_actor, self._agent_recv, self._emit_send.clone())
-                self._ready.set()
-                task_status.started()
+            await self._supervise(task_status)
+        except* Exception:
+            # A fault in the session's own machinery (not in agent or tool code,
+            # which become events) ends this session only, never the runtime.
+            logger.exception("session %s of %r crashed", self.session_id, self.user_id)
         finally:
             self.closing = True
             self._closed.set()
             if self._on_closed is not None:
                 self._on_closed(self)
 
+    async def _supervise(self, task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self.sequencer.run, self._emit_recv)
+            nursery.start_soon(
+                partial(
+                    run_tool_executor,
+                    cancel_grace=self._services.config.tool_cancel_grace,
+                ),
+                self._services.engine,
+                self._tool_recv,
+                self._emit_send.clone(),
+            )
+            nursery.start_soon(self._agent_actor, self._agent_recv, self._emit_send.clone())
+            nursery.start_soon(self._idle_watch)
+            self._ready.set()
+            task_status.started()
+
     async def wait_ready(self) -> None:
         await self._ready.wait()
+
+    @property
+    def idle(self) -> bool:
+        """No connection, no active and no queued run."""
+        return self._connections == 0 and self._active == 0 and self._queued == 0
+
+    def _changed(self) -> None:
+        self._state_changed.set()
+        self._state_changed = trio.Event()
 
     async def aclose(self, grace: float | None = None) -> None:
         """End the session: cancel its runs (reason ``shutdown``) and close its actors.
 
-        Runs get ``grace`` seconds to emit their terminal events; connections are
-        sent every event up to the last one and then closed with 1001. After the
-        grace period whatever is left is cancelled.
+        Queued runs get a lone ``agent_cancelled``; active runs get ``grace``
+        seconds to emit their terminal events; connections are sent every event
+        up to the last one and then closed with 1001. After the grace period
+        whatever is left is cancelled.
         """
-        if self.closing:
-            await self._closed.wait()
-            return
+        if not self.closing:
+            await self._close(self._services.config.shutdown_grace if grace is None else grace)
+        await self._closed.wait()
+
+    async def _close(self, grace: float) -> None:
         self.closing = True
-        grace = self._services.terminal_grace if grace is None else grace
         with trio.move_on_after(grace) as scope:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._agent_send.send(CancelAllRuns("shutdown"))
@@ -197,7 +273,37 @@ class Session:
             await self._closed.wait()
         if scope.cancelled_caught and self._nursery is not None:
             self._nursery.cancel_scope.cancel()
-            await self._closed.wait()
+
+    async def _idle_watch(self) -> None:
+        """Close the session once it has stayed idle for ``idle_session_grace`` seconds."""
+        grace = self._services.config.idle_session_grace
+        while not self.closing:
+            if not self.idle:
+                await self._state_changed.wait()
+                continue
+            with trio.move_on_after(grace):
+                while self.idle:
+                    await self._state_changed.wait()
+            if self.idle and not self.closing:
+                # Started as a sibling, not awaited here: the close waits for this
+                # nursery, which waits for this task.
+                assert self._nursery is not None
+                self._nursery.start_soon(self._close, self._services.config.shutdown_grace)
+                return
+
+    # -- connections ----------------------------------------------------------------------
+
+    def connection_opened(self) -> None:
+        self._connections += 1
+        self._changed()
+
+    def connection_closed(self) -> None:
+        self._connections -= 1
+        self._changed()
+
+    @property
+    def connections(self) -> int:
+        return self._connections
 
     # -- requests from connections and the in-process API ---------------------------------
 
@@ -208,16 +314,18 @@ class Session:
         thread_id: str = "main",
         agent: str | None = None,
         client_msg_id: str | None = None,
-        trace: Any = None,
+        trace: UnifiedTraceContext | None = None,
         run_id: str | None = None,
+        policy: ThreadPolicy | None = None,
     ) -> RunAdmission:
-        """Queue or start a run; returns when the agent actor has admitted it.
+        """Queue or start a run; returns when the agent actor has admitted or refused it.
+
+        ``policy`` (default: the configured ``thread_policy``) says what happens
+        when the thread already has a run: ``enqueue``, ``reject`` or ``interrupt``.
 
         Raises:
             RuntimeClosed: the session is closing.
         """
-        from ._trace import UnifiedTraceContext
-
         reply_send, reply_recv = trio.open_memory_channel[RunAdmission](1)
         message = StartRun(
             run_id=run_id or "run_" + uuid.uuid4().hex,
@@ -227,6 +335,7 @@ class Session:
             agent_name=agent or self._services.default_agent,
             trace=trace if trace is not None else UnifiedTraceContext.new_root(),
             client_msg_id=client_msg_id,
+            policy=policy or self._services.config.thread_policy,  # type: ignore[arg-type]
             reply=reply_send,
         )
         return await self._request(message, reply_recv)
@@ -245,9 +354,9 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel):
             raise RuntimeClosed(f"session {self.session_id} is closing") from None
 
-    def subscribe(self, after_seq: int | None = None) -> Subscription:
+    def subscribe(self, after_seq: int | None = None, *, paces: bool = True) -> Subscription:
         """A cursor into the session's events (default: from the newest event on)."""
-        return self.sequencer.subscribe(after_seq)
+        return self.sequencer.subscribe(after_seq, paces=paces)
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         """Start a child actor in the session's nursery (connection actors)."""
@@ -263,8 +372,10 @@ class Session:
             last_seq=seq.last_seq,
             active_runs=self._active,
             queued_runs=self._queued,
-            connections=self.connections,
+            connections=self._connections,
             window_events=seq.window_events,
+            subscriptions=seq.subscriptions,
+            paced_waits=self.sequencer.paced_waits,
         )
 
     # -- the agent actor ------------------------------------------------------------------
@@ -272,16 +383,18 @@ class Session:
     async def _agent_actor(
         self, inbox: trio.MemoryReceiveChannel[AgentInbox], emit: trio.MemorySendChannel[EmitEvent]
     ) -> None:
-        """Admits runs, keeps per-thread FIFO queues, starts runs, cancels them.
+        """Admits runs, applies the thread policies, queues, starts and cancels runs.
 
-        Only this task reads or writes the queues and the active-run table, so
-        admission and cancellation decisions are free of check-then-act races.
-        Run tasks report their end with ``RunFinished`` on the same inbox; this
-        actor only ever blocks on the sequencer's inbox (which never waits for
-        it) and answers requests with ``send_nowait``, so no cycle can deadlock.
-        Ends after ``CancelAllRuns`` once every run has finished.
+        Only this task reads or writes the queue and the active-run table, and it
+        decides each message completely before taking the next, so admission,
+        policy and cancellation decisions are free of check-then-act races. Run
+        tasks report their end with ``RunFinished`` on the same inbox; this actor
+        only ever blocks on the sequencer's inbox (which never waits for it) and
+        answers requests with ``send_nowait``, so no cycle can deadlock. Ends
+        after ``CancelAllRuns`` once every run has finished.
         """
-        queues: dict[str, deque[StartRun]] = {}
+        config = self._services.config
+        pending: list[StartRun] = []  # queued runs of every thread, in arrival order
         active: dict[str, _RunControl] = {}
         closing = False
 
@@ -296,66 +409,80 @@ class Session:
                 )
             )
 
-        def begin(nursery: trio.Nursery, message: StartRun) -> None:
-            control = _RunControl(message.thread_id)
-            active[message.run_id] = control
-            nursery.start_soon(
-                self._execute_run, message, control, emit.clone(), self._agent_send.clone()
-            )
+        def start_eligible(nursery: trio.Nursery) -> None:
+            # A thread runs one run at a time; a user at most max_active_runs_per_user.
+            busy = {control.thread_id for control in active.values()}
+            for start in list(pending):
+                if len(active) >= config.max_active_runs_per_user:
+                    break
+                if start.thread_id in busy:
+                    continue
+                pending.remove(start)
+                busy.add(start.thread_id)
+                control = _RunControl(start.thread_id)
+                active[start.run_id] = control
+                nursery.start_soon(
+                    self._execute_run, start, control, emit.clone(), self._agent_send.clone()
+                )
+
+        async def admit(nursery: trio.Nursery, message: StartRun) -> RunAdmission:
+            def refuse(code: str, text: str) -> RunAdmission:
+                return RunAdmission(message.run_id, message.thread_id, False, code, text)
+
+            if closing:
+                return refuse("unavailable", "the session is closing")
+            thread = message.thread_id
+            running = [c for c in active.values() if c.thread_id == thread]
+            waiting = [s for s in pending if s.thread_id == thread]
+            if running or waiting:
+                if message.policy == "reject":
+                    return refuse("busy", f"thread {thread!r} has a run in progress")
+                if message.policy == "interrupt":
+                    for control in running:
+                        control.cancel("interrupted")
+                    for start in waiting:
+                        pending.remove(start)
+                        await cancel_queued(start, "interrupted")
+                elif len(waiting) >= config.max_queued_per_thread:
+                    return refuse(
+                        "limit_exceeded",
+                        f"thread {thread!r} already has {len(waiting)} queued runs",
+                    )
+            pending.append(message)
+            start_eligible(nursery)
+            return RunAdmission(message.run_id, thread, True)
 
         async with inbox, emit, trio.open_nursery() as nursery:
             async for message in inbox:
                 match message:
                     case StartRun():
-                        if closing:
-                            admission = RunAdmission(
-                                message.run_id,
-                                message.thread_id,
-                                False,
-                                "shutdown",
-                                "session is closing",
-                            )
-                        else:
-                            busy = any(c.thread_id == message.thread_id for c in active.values())
-                            if busy:
-                                queues.setdefault(message.thread_id, deque()).append(message)
-                            else:
-                                begin(nursery, message)
-                            admission = RunAdmission(message.run_id, message.thread_id, True)
+                        admission = await admit(nursery, message)
                         if message.reply is not None:
                             message.reply.send_nowait(admission)
                     case CancelRun(run_id=run_id, reason=reason):
                         state: Literal["queued", "active", "not_found"] = "not_found"
+                        queued = next((s for s in pending if s.run_id == run_id), None)
                         if run_id in active:
-                            active[run_id].cancel(reason)
-                            state = "active"
-                        else:
-                            for queue in queues.values():
-                                found = next((s for s in queue if s.run_id == run_id), None)
-                                if found is not None:
-                                    queue.remove(found)
-                                    await cancel_queued(found, reason)
-                                    state = "queued"
-                                    break
+                            if active[run_id].cancel(reason):
+                                state = "active"
+                        elif queued is not None:
+                            pending.remove(queued)
+                            await cancel_queued(queued, reason)
+                            state = "queued"
                         if message.reply is not None:
                             message.reply.send_nowait(CancelOutcome(run_id, state))
                     case CancelAllRuns(reason=reason):
                         closing = True
-                        for queue in queues.values():
-                            while queue:
-                                await cancel_queued(queue.popleft(), reason)
-                        queues.clear()
+                        while pending:
+                            await cancel_queued(pending.pop(0), reason)
                         for control in active.values():
                             control.cancel(reason)
-                    case RunFinished(run_id=run_id, thread_id=thread_id):
+                    case RunFinished(run_id=run_id):
                         active.pop(run_id, None)
-                        waiting = queues.get(thread_id)
-                        if waiting:
-                            begin(nursery, waiting.popleft())
-                        if not waiting:
-                            queues.pop(thread_id, None)
+                        start_eligible(nursery)
                 self._active = len(active)
-                self._queued = sum(len(q) for q in queues.values())
+                self._queued = len(pending)
+                self._changed()
                 if closing and not active:
                     break
         self._runs_done.set()
@@ -377,12 +504,22 @@ class Session:
         ``agent_cancelled`` (reason ``shutdown``), shielded for a short grace.
         """
         services = self._services
+        grace = services.config.shutdown_grace
 
         def event(kind: str, data: dict[str, Any]) -> EmitEvent:
             return EmitEvent(kind, start.run_id, start.thread_id, start.trace, data)
 
+        async def emit_shielded(message: EmitEvent | RunFinished) -> None:
+            with trio.CancelScope(shield=True) as shield:
+                shield.deadline = trio.current_time() + grace
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    if isinstance(message, RunFinished):
+                        await finished.send(message)
+                    else:
+                        await emit.send(message)
+
         async with emit, finished:
-            terminal: EmitEvent | None = None
+            terminal_sent = False
             try:
                 started: dict[str, Any] = {
                     "agent_name": start.agent_name,
@@ -405,6 +542,7 @@ class Session:
                             tools=self._tool_send,
                             llm=services.llm,
                             tool_specs=services.engine.registry.specs,
+                            tool_reply_backstop=2 * services.config.tool_cancel_grace + 1,
                         )
                         final = await agent(bridge)
                         if not isinstance(final, str):
@@ -413,23 +551,25 @@ class Session:
                         error = classify_agent_failure(exc)
                         if error is None:
                             raise
-                if control.scope.cancelled_caught:
+                # Decided in one synchronous step with the cancel check, see _RunControl.
+                control.decided = True
+                if control.scope.cancel_called:
+                    # Even if the agent finished or swallowed the cancellation: a
+                    # cancel that was accepted is never reported as success.
                     terminal = event("agent_cancelled", {"reason": control.reason})
                 elif error is not None:
                     terminal = event("agent_error", {"error": error.to_wire()})
                 else:
                     terminal = event("agent_completed", {"status": "ok", "final_response": final})
+                # Not shielded: a paced stream may make this wait, and that is fine.
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await emit.send(terminal)
+                terminal_sent = True
             except BaseException as exc:
                 if classify_agent_failure(exc) is not None:
                     raise  # not ours: a bug in the runtime itself; let the session see it
-                terminal = event("agent_cancelled", {"reason": "shutdown"})
+                if not terminal_sent:
+                    await emit_shielded(event("agent_cancelled", {"reason": "shutdown"}))
                 raise
             finally:
-                with trio.CancelScope(shield=True) as shield:
-                    shield.deadline = trio.current_time() + services.terminal_grace
-                    try:
-                        if terminal is not None:
-                            await emit.send(terminal)
-                        await finished.send(RunFinished(start.run_id, start.thread_id))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
+                await emit_shielded(RunFinished(start.run_id, start.thread_id))

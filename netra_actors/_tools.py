@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, get_type_hints
@@ -157,42 +158,44 @@ class UnifiedToolExecutionEngine:
         self,
         request: ExecuteTool,
         emit: trio.MemorySendChannel[EmitEvent],
-        cancel_scope: trio.CancelScope,
-    ) -> ToolResult:
-        """Run one call under ``cancel_scope``; emit both events; return the outcome.
+        call: ToolCallState | None = None,
+    ) -> ToolResult | None:
+        """Run one call; emit ``tool_executing`` and ``tool_completed``; return the outcome.
 
         Never raises for a tool's failure: exceptions become status ``error``,
-        the timeout status ``timeout``, and a cancelled ``cancel_scope`` status
-        ``cancelled``. ``tool_completed`` is emitted shielded, so it is sent even
-        when the call is cancelled.
+        the timeout status ``timeout``, and a cancelled call (``call.scope``)
+        status ``cancelled``. ``tool_completed`` is emitted shielded, so it is
+        sent even when the call is cancelled. Returns ``None`` when the call was
+        abandoned meanwhile (``ToolCallState.abandon``), whose ``tool_completed``
+        has then already been emitted.
         """
-        call = request.call
-        trace = request.trace.child()
+        state = call or ToolCallState(request)
         await emit.send(
             EmitEvent(
                 "tool_executing",
                 request.run_id,
                 request.thread_id,
-                trace,
+                state.trace,
                 {
-                    "call_id": call.call_id,
-                    "tool_name": call.name,
-                    "parameters": dict(call.arguments),
+                    "call_id": request.call.call_id,
+                    "tool_name": request.call.name,
+                    "parameters": redact(request.call.arguments),
                 },
             )
         )
-        started = time.perf_counter()
         status: ToolStatus = "ok"
         results: Any = None
         error: ErrorInfo | None = None
-        tool = self.registry.get(call.name)
+        tool = self.registry.get(request.call.name)
         timeout = (tool.timeout if tool else None) or self.default_timeout
-        with cancel_scope:
+        with state.scope:
             with trio.move_on_after(math.inf if timeout is None else timeout) as timer:
                 try:
                     if tool is None:
-                        raise ToolError(f"no tool named {call.name!r}", error_type="unknown_tool")
-                    bound = tool.bind(call.arguments)
+                        raise ToolError(
+                            f"no tool named {request.call.name!r}", error_type="unknown_tool"
+                        )
+                    bound = tool.bind(request.call.arguments)
                     results = _check_json(await tool.function(*bound.args, **bound.kwargs))
                 except ToolError as exc:
                     status, error = "error", ErrorInfo(exc.error_type, str(exc))
@@ -200,16 +203,50 @@ class UnifiedToolExecutionEngine:
                     status, error = "error", ErrorInfo("tool_error", f"{type(exc).__name__}: {exc}")
             if timer.cancelled_caught:
                 status = "timeout"
-                error = ErrorInfo("timeout", f"{call.name!r} did not finish within {timeout} s")
-        if cancel_scope.cancelled_caught:
+                error = ErrorInfo(
+                    "timeout", f"{request.call.name!r} did not finish within {timeout} s"
+                )
+        if state.scope.cancelled_caught:
             status, error = "cancelled", ErrorInfo("cancelled", "the run was cancelled")
+        return await state.settle(emit, status, results, error)
+
+
+class ToolCallState:
+    """One executing call, as the tool-executor actor tracks it.
+
+    Exactly one ``tool_completed`` is emitted per call: by the call itself when
+    it ends, or by ``abandon`` when a cancelled tool does not stop in time;
+    whichever settles first wins, and the other emits nothing.
+    """
+
+    def __init__(self, request: ExecuteTool) -> None:
+        self.request = request
+        self.scope = trio.CancelScope()
+        self.trace = request.trace.child()
+        self.started = time.perf_counter()
+        self.settled = False
+        self.done = trio.Event()
+
+    async def settle(
+        self,
+        emit: trio.MemorySendChannel[EmitEvent],
+        status: ToolStatus,
+        results: Any = None,
+        error: ErrorInfo | None = None,
+    ) -> ToolResult | None:
+        """Emit ``tool_completed`` (shielded) unless already settled; the result, or ``None``."""
+        if self.settled:
+            return None
+        self.settled = True
+        self.done.set()
+        call = self.request.call
         result = ToolResult(
             call_id=call.call_id,
             tool_name=call.name,
             status=status,
             results=results if status == "ok" else None,
             error=error,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
         )
         data: dict[str, Any] = {
             "call_id": call.call_id,
@@ -224,9 +261,42 @@ class UnifiedToolExecutionEngine:
             data["error"] = error.to_wire()
         with trio.CancelScope(shield=True):
             await emit.send(
-                EmitEvent("tool_completed", request.run_id, request.thread_id, trace, data)
+                EmitEvent(
+                    "tool_completed", self.request.run_id, self.request.thread_id, self.trace, data
+                )
             )
         return result
+
+    async def abandon(self, emit: trio.MemorySendChannel[EmitEvent]) -> ToolResult | None:
+        """Report a cancelled call that did not stop in time as ``cancelled``."""
+        return await self.settle(
+            emit,
+            "cancelled",
+            error=ErrorInfo("cancelled", "the run was cancelled; the tool did not stop in time"),
+        )
+
+
+_SECRET_KEY = re.compile(
+    r"pass(word|wd|phrase)?|secret|token|api[-_]?key|auth|credential|private[-_]?key|cookie|session[-_]?key",
+    re.IGNORECASE,
+)
+REDACTED = "[redacted]"
+
+
+def redact(value: Any) -> Any:
+    """A copy of tool parameters with the values of secret-looking keys replaced.
+
+    Applies at any depth (objects inside lists and objects). Only what is
+    *shown* in ``tool_executing`` is redacted; the tool gets the real values.
+    """
+    if isinstance(value, Mapping):
+        return {
+            key: REDACTED if isinstance(key, str) and _SECRET_KEY.search(key) else redact(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(item) for item in value]
+    return value
 
 
 # Kept for code written against the backend this runtime replaces.
@@ -237,36 +307,53 @@ async def run_tool_executor(
     engine: UnifiedToolExecutionEngine,
     inbox: trio.MemoryReceiveChannel[ToolInbox],
     emit: trio.MemorySendChannel[EmitEvent],
+    *,
+    cancel_grace: float = 5.0,
 ) -> None:
     """The tool-executor actor of one session.
 
     Runs each ``ExecuteTool`` in its own task (so parallel calls run in
     parallel) and answers it with ``send_nowait`` on its reply channel, which
     never blocks: the run task waiting for the answer can never deadlock with
-    the executor. ``CancelToolCall`` cancels that call's scope. Ends when its
-    inbox closes and every call has finished; cancelling it cancels every call
-    (each still emits ``tool_completed``).
+    the executor. ``CancelToolCall`` cancels that call's scope; a tool that has
+    not stopped ``cancel_grace`` seconds later is abandoned (reported
+    ``cancelled`` at once; whatever it does later is dropped). Calls are keyed
+    by ``(run_id, call_id)``. Ends when its inbox closes and every call has
+    finished; cancelling it cancels every call (each still emits
+    ``tool_completed``).
     """
-    scopes: dict[str, trio.CancelScope] = {}
+    calls: dict[tuple[str, str], ToolCallState] = {}
 
-    async def run_call(request: ExecuteTool, scope: trio.CancelScope) -> None:
-        try:
-            result = await engine.execute(request, emit, scope)
-        finally:
-            scopes.pop(request.call.call_id, None)
+    def answer(state: ToolCallState, result: ToolResult | None) -> None:
+        if result is None:
+            return
         # The run may have stopped waiting (torn down); its events were emitted anyway.
         with contextlib.suppress(
             trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock
         ):
-            request.reply.send_nowait(result)
+            state.request.reply.send_nowait(result)
+
+    async def run_call(key: tuple[str, str], state: ToolCallState) -> None:
+        try:
+            answer(state, await engine.execute(state.request, emit, state))
+        finally:
+            calls.pop(key, None)
+
+    async def abandon_later(state: ToolCallState) -> None:
+        with trio.move_on_after(cancel_grace):
+            await state.done.wait()
+            return
+        answer(state, await state.abandon(emit))
 
     async with emit, trio.open_nursery() as nursery:
         async for message in inbox:
             match message:
                 case ExecuteTool():
-                    scope = trio.CancelScope()
-                    scopes[message.call.call_id] = scope
-                    nursery.start_soon(run_call, message, scope)
-                case CancelToolCall(call_id=call_id):
-                    if (found := scopes.get(call_id)) is not None:
-                        found.cancel()
+                    key = (message.run_id, message.call.call_id)
+                    state = ToolCallState(message)
+                    calls[key] = state
+                    nursery.start_soon(run_call, key, state)
+                case CancelToolCall(run_id=run_id, call_id=call_id):
+                    if (found := calls.get((run_id, call_id))) is not None:
+                        found.scope.cancel()
+                        nursery.start_soon(abandon_later, found)

@@ -34,12 +34,35 @@ class Transport(Protocol):
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close with a WebSocket close code; idempotent."""
 
+    async def ping(self) -> None:
+        """Send a transport-level ping and wait for its pong. Raises ``TransportClosed``."""
+
+    async def abort(self) -> None:
+        """Drop the connection at once, without a close handshake (the peer sees 1006).
+
+        For a peer that stopped reading, or after a cancelled send that may have
+        left a frame half-written.
+        """
+
+
+#: Close code reported for an aborted connection (no close frame was exchanged).
+CLOSE_ABNORMAL = 1006
+
 
 class TrioWebSocketTransport:
-    """A transport over a ``trio_websocket.WebSocketConnection``."""
+    """A transport over a ``trio_websocket.WebSocketConnection``.
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+    ``raw_stream`` is the byte stream under the WebSocket; ``abort`` closes it
+    directly, since a close handshake cannot get through to a stalled peer.
+    """
+
+    def __init__(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        raw_stream: trio.abc.AsyncResource | None = None,
+    ) -> None:
         self.ws = ws
+        self._raw = raw_stream
 
     async def send_text(self, text: str) -> None:
         try:
@@ -55,6 +78,18 @@ class TrioWebSocketTransport:
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await self.ws.aclose(code, reason or None)
+
+    async def ping(self) -> None:
+        try:
+            await self.ws.ping()
+        except trio_websocket.ConnectionClosed as exc:
+            raise TransportClosed(exc.reason.code if exc.reason else None) from None
+
+    async def abort(self) -> None:
+        if self._raw is not None:
+            await trio.aclose_forcefully(self._raw)
+        else:
+            await trio.aclose_forcefully(self.ws._stream)
 
 
 class _Pipe:
@@ -72,6 +107,10 @@ class MemoryTransport:
     def __init__(self, outgoing: _Pipe, incoming: _Pipe) -> None:
         self._out = outgoing
         self._in = incoming
+        #: Whether this end answers the other end's pings (tests set it False to
+        #: play a peer that went silent).
+        self.answers_pings = True
+        self.peer: MemoryTransport | None = None
 
     @property
     def close_code(self) -> int | None:
@@ -107,6 +146,16 @@ class MemoryTransport:
         await self._out.send.aclose()
         await self._in.recv.aclose()
 
+    async def ping(self) -> None:
+        if self.closed:
+            raise TransportClosed(self.close_code)
+        if self.peer is not None and not self.peer.answers_pings:
+            await trio.sleep_forever()
+        await trio.lowlevel.checkpoint()
+
+    async def abort(self) -> None:
+        await self.close(CLOSE_ABNORMAL, "aborted")
+
 
 def memory_transport_pair(capacity: int = 256) -> tuple[MemoryTransport, MemoryTransport]:
     """``(server_end, client_end)``: what one end sends, the other receives, in order.
@@ -115,4 +164,6 @@ def memory_transport_pair(capacity: int = 256) -> tuple[MemoryTransport, MemoryT
     already sent) with ``TransportClosed`` carrying the close code.
     """
     to_client, to_server = _Pipe(capacity), _Pipe(capacity)
-    return MemoryTransport(to_client, to_server), MemoryTransport(to_server, to_client)
+    server, client = MemoryTransport(to_client, to_server), MemoryTransport(to_server, to_client)
+    server.peer, client.peer = client, server
+    return server, client

@@ -224,24 +224,12 @@ def test_serve_refuses_invalid_values_before_serving(
     assert "max_steps" in capsys.readouterr().err
 
 
-@pytest.mark.usefixtures("logging_setup")
-def test_serve_stops_quietly_on_ctrl_c(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Ctrl-C while serving ends with status 0 and a short notice."""
-
-    async def interrupted(config: Config) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(_cli, "_serve", interrupted)
-    assert main(["serve"]) == 0
-    assert "stopped" in capsys.readouterr().err
 
 
 def test_banner_shows_url_and_token() -> None:
     """The startup banner names the WebSocket URL, the agent and a ready-to-use token URL."""
     config = Config(host="127.0.0.1", agent="demo")
-    banner = _cli._banner(config, 4321, "TOKEN123")
+    banner = _cli._banner(config, "ws://127.0.0.1:4321/ws", "TOKEN123")
     assert "ws://127.0.0.1:4321/ws" in banner
     assert "ws://127.0.0.1:4321/ws?token=TOKEN123" in banner
     assert "'demo'" in banner

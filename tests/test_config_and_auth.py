@@ -98,9 +98,19 @@ def test_environment_variables_parse_with_types(name: str, raw: str, expected: o
 
 def test_every_field_has_an_environment_variable() -> None:
     """Each field of ``Config`` is read from its own ``NETRA_ACTORS_`` variable."""
-    samples = {"int": "7", "float": "7.5", "Path": "some/dir", "str": "v", "str | None": "v"}
+    samples = {
+        "int": "7",
+        "float": "7.5",
+        "Path": "some/dir",
+        "str": "v",
+        "str | None": "v",
+        "Path | None": "cert.pem",
+        "tuple[str, ...]": "https://a.example",
+    }
+    by_name = {"thread_policy": "reject"}
     for field in attrs.fields(Config):
-        config = Config.from_env({ENV_PREFIX + field.name.upper(): samples[field.type]})
+        raw = by_name.get(field.name, samples[str(field.type)])
+        config = Config.from_env({ENV_PREFIX + field.name.upper(): raw})
         assert getattr(config, field.name) != getattr(Config(), field.name), field.name
 
 

@@ -424,10 +424,10 @@ async def test_subscription_after_the_end_is_closed(autojump_clock: trio.testing
 
 
 async def test_lagging_subscription_raises(autojump_clock: trio.testing.MockClock) -> None:
-    """A subscription whose cursor fell out of a small window raises ``SubscriptionLagged``."""
+    """A non-pacing subscription whose cursor fell out of a small window raises ``SubscriptionLagged``."""
     sequencer = SessionSequencer("s-1", window_events=3)
-    sub = sequencer.subscribe()
-    keeping_up = sequencer.subscribe()
+    sub = sequencer.subscribe(paces=False)
+    keeping_up = sequencer.subscribe(paces=False)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             send = _inbox(nursery, sequencer)
@@ -440,7 +440,7 @@ async def test_lagging_subscription_raises(autojump_clock: trio.testing.MockCloc
                 await sub.next_batch()
             with pytest.raises(SubscriptionLagged):
                 await keeping_up.next_batch()
-            fresh = sequencer.subscribe()
+            fresh = sequencer.subscribe(paces=False)
             await _send_all(send, [_emit(10)])
             _, events = await _drain(fresh)
     assert _seqs(events) == [11]

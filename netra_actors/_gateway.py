@@ -1,0 +1,367 @@
+"""The network front: plain HTTP and WebSocket (protocol v1 at ``/ws``) on one port.
+
+``trio_websocket.serve_websocket`` answers every request that is not an
+upgrade with 400, so the gateway listens itself: it reads the request head
+(bounded in size and time), parses it with h11, answers plain HTTP routes
+(``/healthz``, and whatever routes are registered) directly, and hands upgrade
+requests to ``trio_websocket.wrap_server_stream`` over a stream that replays
+the bytes already read.
+
+Every refusal happens at the handshake, before a session exists: 401 bad
+token, 403 ``Origin`` not allowed, 429 too many connections for this user,
+503 server-wide connection cap, 404 unknown path.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import h11
+import orjson
+import trio
+import trio_websocket
+
+from ._auth import load_secret, verify_token
+from ._config import Config
+from ._exceptions import AuthError, RuntimeClosed
+from ._protocol import SUBPROTOCOL
+from ._runtime import Runtime
+from ._transport import TrioWebSocketTransport
+
+logger = logging.getLogger("netra_actors.gateway")
+
+WS_PATH = "/ws"
+MAX_HEAD_BYTES = 16 * 1024
+BEARER_PREFIX = "bearer."
+
+
+@attrs.frozen
+class HttpResponse:
+    """A complete plain-HTTP response."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def json(cls, status: int, payload: Any) -> HttpResponse:
+        return cls(status, orjson.dumps(payload))
+
+
+@attrs.frozen
+class HttpRequest:
+    """A parsed plain-HTTP request head (bodies are not read)."""
+
+    method: str
+    target: str
+    headers: Mapping[str, str]
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.target).path
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        return parse_qs(urlsplit(self.target).query)
+
+
+HttpRoute = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+
+@attrs.frozen
+class GatewayInfo:
+    """What ``serve`` reports once it listens."""
+
+    host: str
+    port: int
+    tls: bool
+
+    @property
+    def url(self) -> str:
+        return f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}{WS_PATH}"
+
+
+class _ReplayStream(trio.abc.Stream):
+    """A stream that first returns ``prefix`` (bytes already read), then reads ``stream``."""
+
+    def __init__(self, prefix: bytes, stream: trio.abc.Stream) -> None:
+        self._prefix: bytes
+        self._prefix = prefix
+        self.stream = stream
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class _BadRequest(Exception):
+    pass
+
+
+async def _read_head(stream: trio.abc.Stream) -> tuple[HttpRequest, bytes]:
+    """The request head and every byte read so far (to replay). Raises ``_BadRequest``."""
+    parser = h11.Connection(h11.SERVER)
+    raw = bytearray()
+    while True:
+        event = parser.next_event()
+        if isinstance(event, h11.Request):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+            return (
+                HttpRequest(event.method.decode(), event.target.decode("latin-1"), headers),
+                bytes(raw),
+            )
+        if event is h11.NEED_DATA:
+            if len(raw) > MAX_HEAD_BYTES:
+                raise _BadRequest("request head too large")
+            data = bytes(await stream.receive_some(4096))
+            if not data:
+                raise _BadRequest("connection closed before the request head")
+            raw += data
+            parser.receive_data(data)
+            continue
+        raise _BadRequest(f"unexpected {type(event).__name__}")
+
+
+async def _send_http(stream: trio.abc.Stream, response: HttpResponse) -> None:
+    conn = h11.Connection(h11.SERVER)
+    # h11 needs to have seen a request before it writes a response.
+    conn.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    conn.next_event()
+    headers = [
+        ("content-type", response.content_type),
+        ("content-length", str(len(response.body))),
+        ("connection", "close"),
+        ("cache-control", "no-store"),
+        *response.headers,
+    ]
+    out = conn.send(h11.Response(status_code=response.status, headers=headers))
+    out += conn.send(h11.Data(data=response.body)) or b""
+    out += conn.send(h11.EndOfMessage()) or b""
+    await stream.send_all(out or b"")
+
+
+def bearer_token(request: HttpRequest, subprotocols: list[str]) -> str | None:
+    """The token of a handshake: ``Authorization: Bearer``, a ``bearer.<token>``
+    subprotocol (browsers cannot set headers), or the ``token`` query parameter."""
+    auth = request.headers.get("authorization")
+    if auth is not None:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    for proposed in subprotocols:
+        if proposed.startswith(BEARER_PREFIX) and len(proposed) > len(BEARER_PREFIX):
+            return proposed[len(BEARER_PREFIX) :]
+    tokens = request.query.get("token")
+    return tokens[0] if tokens else None
+
+
+def _origin_allowed(origin: str | None, request: HttpRequest, allowed: tuple[str, ...]) -> bool:
+    if origin is None or "*" in allowed:
+        return True
+    host = request.headers.get("host", "")
+    # The server's own page connects from its own origin.
+    if urlsplit(origin).netloc == host:
+        return True
+    return origin.rstrip("/") in allowed
+
+
+class Gateway:
+    """Accepts connections for a ``Runtime``: HTTP routes and protocol v1 WebSockets."""
+
+    def __init__(self, runtime: Runtime, config: Config | None = None) -> None:
+        self.runtime = runtime
+        self.config = config or runtime.config
+        self._secret = load_secret(self.config)
+        self.routes: dict[tuple[str, str], HttpRoute] = {("GET", "/healthz"): self._healthz}
+        self._started = time.monotonic()
+        self.accepting = True
+
+    def add_route(self, method: str, path: str, route: HttpRoute) -> None:
+        """Serve ``route`` for ``method path`` (plain HTTP, same port as ``/ws``)."""
+        self.routes[(method.upper(), path)] = route
+
+    async def _healthz(self, request: HttpRequest) -> HttpResponse:
+        stats = self.runtime.statistics()
+        ready = self.accepting and not self.runtime.closing
+        return HttpResponse.json(
+            200 if ready else 503,
+            {
+                "status": "ok" if ready else "shutting_down",
+                "live": True,
+                "ready": ready,
+                "sessions": stats.sessions,
+                "connections": stats.connections,
+                "active_runs": stats.active_runs,
+                "queued_runs": stats.queued_runs,
+                "uptime_s": round(time.monotonic() - self._started, 3),
+            },
+        )
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted TCP (or TLS) stream; closes it when done."""
+        config = self.config
+        try:
+            with trio.move_on_after(config.handshake_timeout) as timer:
+                request, raw = await _read_head(stream)
+            if timer.cancelled_caught:
+                return
+            if request.headers.get("upgrade", "").lower() == "websocket":
+                await self._websocket(_ReplayStream(raw, stream), request)
+            else:
+                route = self.routes.get((request.method, request.path))
+                if route is None:
+                    response = HttpResponse.json(
+                        404, {"error": "not_found", "message": f"no route {request.path!r}"}
+                    )
+                else:
+                    response = await route(request)
+                await _send_http(stream, response)
+        except _BadRequest as exc:
+            await _send_http(
+                stream, HttpResponse.json(400, {"error": "bad_request", "message": str(exc)})
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+            pass  # the peer went away (or TLS failed): nothing to answer
+        except trio.TooSlowError:
+            pass
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+
+    async def _refuse(
+        self, request: trio_websocket.WebSocketRequest, status: int, error: str, message: str
+    ) -> None:
+        body = orjson.dumps({"error": error, "message": message})
+        await request.reject(
+            status, extra_headers=[(b"content-type", b"application/json")], body=body
+        )
+
+    async def _websocket(self, stream: _ReplayStream, head: HttpRequest) -> None:
+        config = self.config
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(config.handshake_timeout) as timer:
+                request = await trio_websocket.wrap_server_stream(
+                    nursery,
+                    stream,
+                    message_queue_size=config.receive_queue,
+                    max_message_size=config.max_frame_bytes,
+                    receive_buffer_size=64 * 1024,
+                )
+            if timer.cancelled_caught:
+                nursery.cancel_scope.cancel()
+                return
+            try:
+                await self._serve_websocket(request, stream, head)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _serve_websocket(
+        self, request: trio_websocket.WebSocketRequest, stream: _ReplayStream, head: HttpRequest
+    ) -> None:
+        config = self.config
+        manager = self.runtime.manager
+        if head.path != WS_PATH:
+            await self._refuse(request, 404, "not_found", f"no WebSocket endpoint at {head.path!r}")
+            return
+        proposed = list(request.proposed_subprotocols)
+        try:
+            user_id = verify_token(bearer_token(head, proposed), self._secret)
+        except AuthError as exc:
+            await self._refuse(request, 401, "unauthorized", str(exc))
+            return
+        if not _origin_allowed(head.headers.get("origin"), head, config.allowed_origins):
+            await self._refuse(request, 403, "forbidden", "origin not allowed")
+            return
+        if not self.accepting or self.runtime.closing:
+            await self._refuse(request, 503, "unavailable", "server is shutting down")
+            return
+        if manager.connection_count() >= config.max_connections:
+            await self._refuse(request, 503, "unavailable", "server connection limit reached")
+            return
+        if len(manager.connections(user_id)) >= config.max_connections_per_user:
+            await self._refuse(
+                request, 429, "too_many_connections", "connection limit for this user"
+            )
+            return
+        after_seq = _int_param(head.query.get("after_seq"))
+        ws = await request.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in proposed else None)
+        try:
+            await self.runtime.serve_connection(
+                user_id,
+                TrioWebSocketTransport(ws, stream.stream),
+                traceparent=head.headers.get("traceparent"),
+                after_seq=after_seq,
+                session_hint=next(iter(head.query.get("session_id", [])), None),
+            )
+        except RuntimeClosed:
+            await ws.aclose(1001, "server shutting down")
+
+
+def _int_param(values: list[str] | None) -> int | None:
+    if not values:
+        return None
+    try:
+        return int(values[0])
+    except ValueError:
+        return None
+
+
+def make_ssl_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    """A server TLS context for ``wss://``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+async def serve(
+    runtime: Runtime,
+    config: Config | None = None,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    gateway: Gateway | None = None,
+    task_status: trio.TaskStatus[GatewayInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve HTTP and protocol v1 for ``runtime`` on ``config.host:config.port`` until cancelled.
+
+    ``task_status.started`` receives a ``GatewayInfo`` (its ``port`` is the real
+    port when ``config.port`` is 0). TLS is used when ``ssl_context`` is given,
+    or when ``config.tls_cert`` and ``config.tls_key`` are set.
+    """
+    config = config or runtime.config
+    gateway = gateway or Gateway(runtime, config)
+    if ssl_context is None and config.tls_cert and config.tls_key:
+        ssl_context = make_ssl_context(str(config.tls_cert), str(config.tls_key))
+    listeners: list[Any]
+    if ssl_context is not None:
+        listeners = await trio.open_ssl_over_tcp_listeners(
+            config.port, ssl_context, host=config.host, https_compatible=True
+        )
+    else:
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    first = listeners[0]
+    raw = first.transport_listener if isinstance(first, trio.SSLListener) else first
+    assert isinstance(raw, trio.SocketListener)
+    info = GatewayInfo(config.host, raw.socket.getsockname()[1], ssl_context is not None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, gateway.handle, listeners)
+        task_status.started(info)
