@@ -4,6 +4,8 @@ The public API is what this module exports; everything in underscored modules
 is private and may change.
 """
 
+from . import client as client
+from . import testing as testing
 from ._agents import Agent as Agent
 from ._agents import demo_agent as demo_agent
 from ._agents import tool_calling_agent as tool_calling_agent
