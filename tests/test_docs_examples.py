@@ -48,3 +48,17 @@ def test_protocol_example_transcript_is_lawful() -> None:
     frames = [line[2:] for line in text.splitlines() if line.startswith("< {")]
     assert frames
     check_lifecycle(frames)
+
+
+async def test_readme_client_example_runs(live_server: Any, capsys: Any) -> None:
+    """The README's client example, pointed at a live server, prints a complete demo run."""
+    block = next(b for b in _python_blocks(ROOT / "README.md") if "client.connect" in b)
+    source = block.replace("ws://127.0.0.1:8765/ws", live_server.url)
+    namespace: dict[str, Any] = {}
+    exec(source.replace('trio.run(main, "PASTE-TOKEN-HERE")', ""), namespace)
+    with trio.fail_after(20):
+        await namespace["main"](live_server.token("readme"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[1] == "agent_started"
+    assert lines[-1].split()[1] == "agent_completed"
+    assert "14" in lines[-1]
