@@ -260,6 +260,7 @@ class Session:
 
     async def _close(self, grace: float) -> None:
         self.closing = True
+        self._changed()
         with trio.move_on_after(grace) as scope:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._agent_send.send(CancelAllRuns("shutdown"))
@@ -275,14 +276,17 @@ class Session:
             self._nursery.cancel_scope.cancel()
 
     async def _idle_watch(self) -> None:
-        """Close the session once it has stayed idle for ``idle_session_grace`` seconds."""
+        """Close the session once it has stayed idle for ``idle_session_grace`` seconds.
+
+        Ends as soon as the session starts closing for any reason.
+        """
         grace = self._services.config.idle_session_grace
         while not self.closing:
             if not self.idle:
                 await self._state_changed.wait()
                 continue
             with trio.move_on_after(grace):
-                while self.idle:
+                while self.idle and not self.closing:
                     await self._state_changed.wait()
             if self.idle and not self.closing:
                 # Started as a sibling, not awaited here: the close waits for this

@@ -22,7 +22,7 @@ import itertools
 import json
 import ssl
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -288,23 +288,24 @@ class NetraClient:
         run_id: str | None = None
         early: list[Frame] = []
         events: list[Frame] = []
-        async for frame in self.frames():
-            kind = frame.get("type")
-            if run_id is None:
-                if kind == "run_accepted" and frame.get("client_msg_id") == client_msg_id:
-                    run_id = frame["run_id"]
-                    events = [f for f in early if f.get("run_id") == run_id]
-                    if events and events[-1]["type"] in TERMINAL_EVENTS:
+        async with aclosing(self.frames()) as frames:
+            async for frame in frames:
+                kind = frame.get("type")
+                if run_id is None:
+                    if kind == "run_accepted" and frame.get("client_msg_id") == client_msg_id:
+                        run_id = frame["run_id"]
+                        events = [f for f in early if f.get("run_id") == run_id]
+                        if events and events[-1]["type"] in TERMINAL_EVENTS:
+                            return events
+                    elif kind == "error" and frame.get("client_msg_id") == client_msg_id:
+                        raise RuntimeError(f"message refused: {frame['code']}: {frame['message']}")
+                    elif "seq" in frame:
+                        early.append(frame)
+                    continue
+                if frame.get("run_id") == run_id:
+                    events.append(frame)
+                    if kind in TERMINAL_EVENTS:
                         return events
-                elif kind == "error" and frame.get("client_msg_id") == client_msg_id:
-                    raise RuntimeError(f"message refused: {frame['code']}: {frame['message']}")
-                elif "seq" in frame:
-                    early.append(frame)
-                continue
-            if frame.get("run_id") == run_id:
-                events.append(frame)
-                if kind in TERMINAL_EVENTS:
-                    return events
         raise ClientClosed("the client closed before the run ended")
 
     # -- closing -----------------------------------------------------------------------------
