@@ -98,10 +98,11 @@ async def _serve(config: Config) -> None:
                 async for signum in signals:
                     print(f"netra-actors: {signal.Signals(signum).name}, shutting down", flush=True)
                     break
+                # New handshakes get 503 from here on; the listener keeps running so
+                # that open connections receive their runs' last events and a 1001.
                 gateway.accepting = False
-                # Stop listening; connections live in their sessions and end with them.
+                await runtime.aclose()
                 nursery.cancel_scope.cancel()
-            await runtime.aclose()
     print("netra-actors: stopped", flush=True)
 
 

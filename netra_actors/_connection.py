@@ -22,7 +22,7 @@ import trio
 
 from ._config import Config
 from ._exceptions import ProtocolError, RunRefused, RuntimeClosed, TransportClosed
-from ._messages import CancelRequest, Ping, ResumeRequest, UserMessage
+from ._messages import CancelRequest, ClientMessage, Ping, ResumeRequest, UserMessage
 from ._protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
@@ -79,8 +79,10 @@ class Connection:
         self.subscription: Subscription | None = None
         self.done = trio.Event()
         self.close_code: int | None = None
+        # Set by the reader: close with this code once the queued replies are sent.
+        self._close_after_replies: int | None = None
 
-    def _resume(self, sub: Subscription, after_seq: int, session_id: str | None) -> None:
+    def _resume(self, sub: Subscription, after_seq: int, session_id: str | None) -> int:
         """Point ``sub`` just after ``after_seq``, or send ``resume_gap`` if that is not exact.
 
         Not exact: another stream's ``session_id``, ``after_seq`` beyond the last
@@ -95,9 +97,10 @@ class Connection:
         )
         if exact:
             sub.reposition(after_seq)
-        else:
-            sub.push_direct(resume_gap_frame(session.session_id, oldest, last))
-            sub.reposition(oldest - 1)
+            return after_seq
+        sub.push_direct(resume_gap_frame(session.session_id, oldest, last))
+        sub.reposition(oldest - 1)
+        return oldest - 1
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or the session ends.
@@ -108,9 +111,15 @@ class Connection:
         # The cursor and last_seq are read in the same step, so the client receives
         # every event with seq > last_seq and nothing before it.
         sub = self.subscription = session.subscribe()
-        sub.push_direct(session_ready_frame(session.session_id, session.user_id, sub.cursor))
+        last_seq = sub.cursor
+        sub.push_direct(session_ready_frame(session.session_id, session.user_id, last_seq))
         if self.after_seq is not None:
-            self._resume(sub, self.after_seq, self.session_hint)
+            restart = self._resume(sub, self.after_seq, self.session_hint)
+            # Tell the client where this connection's stream restarts (session_ready
+            # stays first: the frame is rebuilt before anything was sent).
+            sub._direct[0] = session_ready_frame(
+                session.session_id, session.user_id, last_seq, after_seq=restart
+            )
         session.connection_opened()
         code, abort = CLOSE_GOING_AWAY, False
         try:
@@ -161,6 +170,8 @@ class Connection:
                 direct, events = batch
                 for frame in direct:
                     await self._send(frame)
+                if self._close_after_replies is not None:
+                    return self._close_after_replies, False
                 for event in events:
                     await self._send(event.frame)
         except TransportClosed as exc:
@@ -197,23 +208,36 @@ class Connection:
                 ):
                     raise _Close(CLOSE_TOO_BIG)
                 if not self.session.rate_limiter.allow():
+                    # The writer sends the replies queued so far and this error, then
+                    # closes with 4029; nothing more is read from this client.
+                    self._close_after_replies = CLOSE_RATE_LIMITED
                     reply(error_frame("rate_limited", "too many frames; slow down"))
-                    raise _Close(CLOSE_RATE_LIMITED)
+                    await trio.sleep_forever()
                 try:
-                    await self._handle(message, reply)
+                    parsed = parse_client_frame(message)
+                except ProtocolError as exc:
+                    reply(error_frame(exc.code, str(exc), exc.client_msg_id))
+                    continue
+                client_msg_id = getattr(parsed, "client_msg_id", None)
+                try:
+                    await self._handle(parsed, client_msg_id, reply)
                 except ProtocolError as exc:
                     reply(error_frame(exc.code, str(exc), exc.client_msg_id))
                 except Exception as exc:
                     logger.exception("frame from %s failed", self.connection_id)
-                    reply(error_frame("internal", f"internal error: {type(exc).__name__}"))
+                    reply(
+                        error_frame(
+                            "internal", f"internal error: {type(exc).__name__}", client_msg_id
+                        )
+                    )
         except TransportClosed:
             pass
         # The client is gone: nothing more to write.
         done.cancel()
 
-    async def _handle(self, message: str | bytes, reply: Callable[[str], None]) -> None:
-        parsed = parse_client_frame(message)
-        client_msg_id = getattr(parsed, "client_msg_id", None)
+    async def _handle(
+        self, parsed: ClientMessage, client_msg_id: str | None, reply: Callable[[str], None]
+    ) -> None:
         try:
             match parsed:
                 case UserMessage() as msg:

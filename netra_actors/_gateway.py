@@ -120,19 +120,22 @@ class _BadRequest(Exception):
 
 async def _read_head(stream: trio.abc.Stream) -> tuple[HttpRequest, bytes]:
     """The request head and every byte read so far (to replay). Raises ``_BadRequest``."""
-    parser = h11.Connection(h11.SERVER)
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     raw = bytearray()
     while True:
-        event = parser.next_event()
+        try:
+            event = parser.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _BadRequest(f"malformed request: {exc}") from None
         if isinstance(event, h11.Request):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+            if len(raw) - len(parser.trailing_data[0]) > MAX_HEAD_BYTES:
+                raise _BadRequest("request head too large")
             return (
                 HttpRequest(event.method.decode(), event.target.decode("latin-1"), headers),
                 bytes(raw),
             )
         if event is h11.NEED_DATA:
-            if len(raw) > MAX_HEAD_BYTES:
-                raise _BadRequest("request head too large")
             data = bytes(await stream.receive_some(4096))
             if not data:
                 raise _BadRequest("connection closed before the request head")
@@ -242,8 +245,10 @@ class Gateway:
             )
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
             pass  # the peer went away (or TLS failed): nothing to answer
-        except trio.TooSlowError:
-            pass
+        except Exception:
+            # One connection's fault must never reach serve_listeners (which would
+            # stop the whole server).
+            logger.exception("connection handler failed")
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
@@ -303,7 +308,11 @@ class Gateway:
                 request, 429, "too_many_connections", "connection limit for this user"
             )
             return
-        after_seq = _int_param(head.query.get("after_seq"))
+        try:
+            after_seq = _int_param(head.query.get("after_seq"))
+        except ValueError as exc:
+            await self._refuse(request, 400, "bad_request", str(exc))
+            return
         ws = await request.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in proposed else None)
         try:
             await self.runtime.serve_connection(
@@ -318,12 +327,12 @@ class Gateway:
 
 
 def _int_param(values: list[str] | None) -> int | None:
+    """A non-negative integer query parameter. Raises ``ValueError`` for anything else."""
     if not values:
         return None
-    try:
-        return int(values[0])
-    except ValueError:
-        return None
+    if not values[0].isdigit():
+        raise ValueError(f"after_seq must be a non-negative integer, got {values[0][:32]!r}")
+    return int(values[0])
 
 
 def make_ssl_context(certfile: str, keyfile: str) -> ssl.SSLContext:

@@ -186,17 +186,24 @@ def parse_client_frame(message: str | bytes) -> ClientMessage:
             )
 
 
-def session_ready_frame(session_id: str, user_id: str, last_seq: int) -> str:
-    """The first frame of every accepted connection."""
-    return encode(
-        {
-            "type": "session_ready",
-            "session_id": session_id,
-            "user_id": user_id,
-            "last_seq": last_seq,
-            "protocol": PROTOCOL_VERSION,
-        }
-    )
+def session_ready_frame(
+    session_id: str, user_id: str, last_seq: int, *, after_seq: int | None = None
+) -> str:
+    """The first frame of every accepted connection.
+
+    ``after_seq`` is present when the connection resumes: its stream restarts
+    with the event after it (after a ``resume_gap`` when the resume was not exact).
+    """
+    frame: dict[str, Any] = {
+        "type": "session_ready",
+        "session_id": session_id,
+        "user_id": user_id,
+        "last_seq": last_seq,
+        "protocol": PROTOCOL_VERSION,
+    }
+    if after_seq is not None:
+        frame["after_seq"] = after_seq
+    return encode(frame)
 
 
 def run_accepted_frame(run_id: str, thread_id: str, client_msg_id: str | None) -> str:

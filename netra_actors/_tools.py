@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
 import re
 import time
@@ -276,10 +277,41 @@ class ToolCallState:
         )
 
 
-_SECRET_KEY = re.compile(
-    r"pass(word|wd|phrase)?|secret|token|api[-_]?key|auth|credential|private[-_]?key|cookie|session[-_]?key",
-    re.IGNORECASE,
+#: Words that make a parameter name secret-looking, matched against the name's words
+#: (``apiKey``, ``api-key`` and ``API_KEY`` all read as ``api`` + ``key``), so that
+#: ``author`` or ``passenger`` are not redacted.
+_SECRET_WORDS = frozenset(
+    {
+        "password",
+        "passwd",
+        "passphrase",
+        "pwd",
+        "secret",
+        "token",
+        "apikey",
+        "credential",
+        "credentials",
+        "cookie",
+        "authorization",
+        "auth",
+        "bearer",
+        "jwt",
+    }
 )
+_SECRET_PAIRS = frozenset(
+    {("api", "key"), ("private", "key"), ("session", "key"), ("access", "key")}
+)
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a parameter name looks like it holds a secret."""
+    words = [w.lower() for w in _WORD.findall(key)]
+    if _SECRET_WORDS.intersection(words):
+        return True
+    return any(pair in _SECRET_PAIRS for pair in itertools.pairwise(words))
+
+
 REDACTED = "[redacted]"
 
 
@@ -291,7 +323,7 @@ def redact(value: Any) -> Any:
     """
     if isinstance(value, Mapping):
         return {
-            key: REDACTED if isinstance(key, str) and _SECRET_KEY.search(key) else redact(item)
+            key: REDACTED if isinstance(key, str) and is_secret_key(key) else redact(item)
             for key, item in value.items()
         }
     if isinstance(value, list | tuple):

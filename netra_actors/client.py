@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -255,13 +255,16 @@ class NetraClient:
         await self.send({"type": "cancel", "run_id": run_id})
 
     async def resume(self, after_seq: int) -> None:
-        """Ask the server to resend everything after ``after_seq`` (duplicates are dropped)."""
-        self.last_seq = after_seq
+        """Ask the server to resend everything after ``after_seq``.
+
+        Events this client already delivered are dropped as duplicates, so this
+        only fills gaps; ``frames()`` still yields each event once.
+        """
         await self.send({"type": "resume", "after_seq": after_seq, "session_id": self.session_id})
 
     # -- receiving ---------------------------------------------------------------------------
 
-    async def frames(self) -> AsyncIterator[Frame]:
+    async def frames(self) -> AsyncGenerator[Frame, None]:
         """Every frame, once, in order; ends when the client closes.
 
         Raises:

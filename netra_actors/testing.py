@@ -387,6 +387,15 @@ class LifecycleChecker:
             self._feed_event(event_type, frame)
         elif event_type == "session_ready":
             self._feed_session_ready(frame)
+        elif event_type == "resume_gap" and self.strict_seq:
+            # The server could not resume exactly; the stream continues from its oldest event.
+            oldest = frame.get("oldest_seq")
+            if not _is_int(oldest) or oldest < 1:
+                raise LifecycleViolation(
+                    f"resume_gap.oldest_seq must be an integer >= 1, got {oldest!r}",
+                    rule="bad_field",
+                )
+            self._next_seq = oldest
 
     def finish(self) -> LifecycleReport:
         """End-of-stream checks; returns the report.
@@ -427,6 +436,16 @@ class LifecycleChecker:
                 f"session_ready.last_seq must be an integer >= 0, got {last_seq!r}",
                 rule="bad_field",
             )
+        # A resuming connection's stream restarts after ``after_seq``.
+        after_seq = frame.get("after_seq")
+        if after_seq is not None:
+            if not _is_int(after_seq) or after_seq < 0:
+                raise LifecycleViolation(
+                    f"session_ready.after_seq must be an integer >= 0, got {after_seq!r}",
+                    rule="bad_field",
+                )
+            self._next_seq = after_seq + 1
+            return
         self._next_seq = last_seq + 1
 
     def _feed_event(self, event_type: str, frame: Mapping[str, Any]) -> None:
