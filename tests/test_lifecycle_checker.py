@@ -187,7 +187,7 @@ def test_non_event_frames_are_ignored() -> None:
     )
     frames.insert(3, {"type": "pong"})
     frames.insert(5, {"type": "error", "code": "bad_frame", "message": "nope"})
-    frames.insert(6, {"type": "resume_gap", "from_seq": 1, "to_seq": 2})
+    frames.insert(6, {"type": "some_future_frame", "from_seq": 1, "to_seq": 2})
     assert check_lifecycle([ready(0), *frames]).events == 6
 
 
@@ -689,3 +689,20 @@ def test_valid_streams_pass_and_mutations_are_caught(
     with pytest.raises(LifecycleViolation) as info:
         check_lifecycle([ready(last_seq), *mutated])
     assert info.value.rule in expected, (kind, info.value)
+
+
+def test_resuming_session_ready_restarts_after_its_after_seq() -> None:
+    """A resuming connection's stream continues from ``session_ready.after_seq + 1``."""
+    frames = [ready(last_seq=9) | {"after_seq": 0}, *tool_run(1)]
+    assert check_lifecycle(frames).events == 6
+    assert violation([ready(last_seq=9) | {"after_seq": 2}, *tool_run(1)]).rule == "seq_gap"
+
+
+def test_resume_gap_moves_the_expected_seq_to_the_oldest_kept() -> None:
+    """After ``resume_gap`` the next event must be ``oldest_seq``; anything else is a gap."""
+    gap = {"type": "resume_gap", "session_id": "s1", "oldest_seq": 5, "last_seq": 10}
+    frames = [ready(last_seq=10) | {"after_seq": 4}, gap, *tool_run(5)]
+    assert check_lifecycle(frames).first_seq == 5
+    assert violation([ready(last_seq=10), gap, *tool_run(6)]).rule == "seq_gap"
+    bad_gap = {"type": "resume_gap", "session_id": "s1", "oldest_seq": "x", "last_seq": 10}
+    assert violation([ready(last_seq=10), bad_gap]).rule == "bad_field"
