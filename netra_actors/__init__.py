@@ -15,6 +15,8 @@ from ._auth import verify_token as verify_token
 from ._bridge import AgentWebSocketBridge as AgentWebSocketBridge
 from ._bridge import WebSocketNotifier as WebSocketNotifier
 from ._config import Config as Config
+from ._conversations import ConversationStore as ConversationStore
+from ._conversations import MemoryConversationStore as MemoryConversationStore
 from ._exceptions import AgentError as AgentError
 from ._exceptions import AuthError as AuthError
 from ._exceptions import ConfigError as ConfigError
@@ -48,6 +50,9 @@ from ._messages import ErrorInfo as ErrorInfo
 from ._messages import Event as Event
 from ._messages import ToolCall as ToolCall
 from ._messages import ToolResult as ToolResult
+from ._openai import CircuitBreaker as CircuitBreaker
+from ._openai import OpenAIChatProvider as OpenAIChatProvider
+from ._openai import RetryPolicy as RetryPolicy
 from ._runtime import RunHandle as RunHandle
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStatistics as RuntimeStatistics
@@ -55,6 +60,7 @@ from ._tools import EnhancedToolExecutionEngine as EnhancedToolExecutionEngine
 from ._tools import Tool as Tool
 from ._tools import ToolRegistry as ToolRegistry
 from ._tools import UnifiedToolExecutionEngine as UnifiedToolExecutionEngine
+from ._tools import tool as tool
 from ._trace import UnifiedTraceContext as UnifiedTraceContext
 from ._transport import MemoryTransport as MemoryTransport
 from ._transport import Transport as Transport
@@ -70,8 +76,10 @@ __all__ = [
     "AuthError",
     "ChatMessage",
     "ChatRequest",
+    "CircuitBreaker",
     "Config",
     "ConfigError",
+    "ConversationStore",
     "EnhancedToolExecutionEngine",
     "ErrorInfo",
     "Event",
@@ -82,10 +90,13 @@ __all__ = [
     "LLMError",
     "LLMManager",
     "LLMProvider",
+    "MemoryConversationStore",
     "MemoryTransport",
     "NetraError",
+    "OpenAIChatProvider",
     "ProtocolError",
     "ReasoningDelta",
+    "RetryPolicy",
     "RunHandle",
     "RunNotFound",
     "RunRefused",
@@ -116,6 +127,7 @@ __all__ = [
     "load_secret",
     "memory_transport_pair",
     "serve",
+    "tool",
     "tool_calling_agent",
     "verify_token",
 ]

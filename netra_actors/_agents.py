@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 
 import orjson
 import trio
@@ -24,6 +25,7 @@ from ._llm import (
     ScriptedTurn,
     TextDelta,
     ToolCallsReady,
+    Usage,
 )
 from ._messages import ToolCall, ToolResult
 from ._tools import ToolRegistry
@@ -43,39 +45,75 @@ def _tool_message(result: ToolResult) -> ChatMessage:
     return ChatMessage("tool", content, tool_call_id=result.call_id, name=result.tool_name)
 
 
-def tool_calling_agent(max_steps: int = DEFAULT_MAX_STEPS, provider: str | None = None) -> Agent:
+def tool_calling_agent(
+    max_steps: int = DEFAULT_MAX_STEPS,
+    provider: str | None = None,
+    system_prompt: str = SYSTEM_PROMPT,
+) -> Agent:
     """The general loop: the LLM proposes tool calls, the executor runs them, results go back.
 
-    Each step streams the model's reasoning as ``agent_thinking`` and its answer
-    text as ``partial_result``; several tool calls in one turn run in parallel.
-    The loop ends when the model answers without asking for tools, or raises
-    ``StepLimitExceeded`` after ``max_steps`` turns.
+    Each step sends the thread's history, the new message and the tool schemas
+    to the LLM, streams its reasoning as ``agent_thinking`` and its answer text
+    as ``partial_result``; several tool calls in one turn run in parallel. The
+    loop ends when the model answers without asking for tools, or raises
+    ``StepLimitExceeded`` after ``max_steps`` turns. The turn (the user's
+    message, tool calls with their real arguments and results, the answer) is
+    added to the thread's history whatever the outcome, so the next message of
+    the thread sees it. Token usage is recorded on the bridge.
     """
 
     async def agent(bridge: AgentWebSocketBridge) -> str:
-        messages = [ChatMessage("system", SYSTEM_PROMPT), ChatMessage("user", bridge.text)]
-        for step in range(max_steps):
-            answer: list[str] = []
-            calls: tuple[ToolCall, ...] = ()
-            request = ChatRequest(tuple(messages), bridge.tool_specs, trace=bridge.trace.child())
-            async for chunk in bridge.llm.stream(request, provider=provider):
-                match chunk:
-                    case ReasoningDelta(text=text):
-                        await bridge.thinking(text, step)
-                    case TextDelta(text=text):
-                        answer.append(text)
-                        await bridge.partial(text)
-                    case ToolCallsReady(calls=ready):
-                        calls = ready
-            if not calls:
-                return "".join(answer)
-            bridge.next_step()
-            messages.append(ChatMessage("assistant", "".join(answer), tool_calls=calls))
-            results = await bridge.execute_tools(calls)
-            messages.extend(_tool_message(r) for r in results)
-        raise StepLimitExceeded(f"no answer after {max_steps} tool-calling steps")
+        history = await bridge.history()
+        turn: list[ChatMessage] = [ChatMessage("user", bridge.text)]
+        try:
+            for step in range(max_steps):
+                answer: list[str] = []
+                calls: tuple[ToolCall, ...] = ()
+                request = ChatRequest(
+                    (ChatMessage("system", system_prompt), *history, *turn),
+                    bridge.tool_specs,
+                    trace=bridge.trace.child(),
+                )
+                async with aclosing(bridge.llm.stream(request, provider=provider)) as chunks:
+                    async for chunk in chunks:
+                        match chunk:
+                            case ReasoningDelta(text=text):
+                                await bridge.thinking(text, step)
+                            case TextDelta(text=text):
+                                answer.append(text)
+                                await bridge.partial(text)
+                            case ToolCallsReady(calls=ready):
+                                calls = ready
+                            case Usage(prompt_tokens=prompt, completion_tokens=completion):
+                                bridge.record_usage(prompt, completion)
+                if not calls:
+                    final = "".join(answer)
+                    turn.append(ChatMessage("assistant", final))
+                    return final
+                bridge.next_step()
+                turn.append(ChatMessage("assistant", "".join(answer), tool_calls=calls))
+                results = await bridge.execute_tools(calls)
+                turn.extend(_tool_message(r) for r in results)
+            raise StepLimitExceeded(f"no answer after {max_steps} tool-calling steps")
+        finally:
+            await bridge.remember(_complete_exchanges(turn))
 
     return agent
+
+
+def _complete_exchanges(turn: list[ChatMessage]) -> list[ChatMessage]:
+    """``turn`` without a trailing assistant tool request whose results are missing.
+
+    (A run cancelled during its tools; chat APIs refuse a history with
+    unanswered tool calls.)
+    """
+    answered = {m.tool_call_id for m in turn if m.role == "tool"}
+    kept: list[ChatMessage] = []
+    for message in turn:
+        if message.tool_calls and not all(c.call_id in answered for c in message.tool_calls):
+            break
+        kept.append(message)
+    return kept
 
 
 # --- the demo -----------------------------------------------------------------------------
@@ -99,8 +137,10 @@ def _words(text: str) -> tuple[str, ...]:
 
 def demo_script(request: ChatRequest) -> ScriptedTurn:
     """The scripted model behind the demo agent: a pure function of the conversation."""
-    user = next(m.content for m in reversed(request.messages) if m.role == "user")
-    tool_results = [m for m in request.messages if m.role == "tool"]
+    last_user = max(i for i, m in enumerate(request.messages) if m.role == "user")
+    user = request.messages[last_user].content
+    # Only this turn's tool results count (earlier turns of the thread are history).
+    tool_results = [m for m in request.messages[last_user:] if m.role == "tool"]
     text = user.strip()
     if m := _WHAT_IS.match(text):
         expression = m.group(1)

@@ -17,7 +17,8 @@ from typing import Any
 
 import trio
 
-from ._llm import LLMManager, ToolSpec
+from ._conversations import ConversationStore
+from ._llm import ChatMessage, LLMManager, ToolSpec
 from ._messages import (
     CancelToolCall,
     EmitEvent,
@@ -55,6 +56,7 @@ class AgentWebSocketBridge:
         llm: LLMManager,
         tool_specs: Sequence[ToolSpec],
         tool_reply_backstop: float = TOOL_REPLY_BACKSTOP,
+        conversations: ConversationStore | None = None,
     ) -> None:
         self.request = request
         self.llm = llm
@@ -63,6 +65,9 @@ class AgentWebSocketBridge:
         self._tools = tools
         self._step = 0
         self._backstop = tool_reply_backstop
+        self._conversations = conversations
+        #: Token usage of this run's LLM calls (see ``record_usage``).
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
 
     # -- what the run is -----------------------------------------------------------------
 
@@ -141,36 +146,83 @@ class AgentWebSocketBridge:
         the executor: reported ``cancelled`` at once, its late outcome dropped.
         """
         call = ToolCall(call_id or new_call_id(), name, dict(arguments or {}))
-        reply_send, reply_recv = trio.open_memory_channel[ToolResult](1)
-        async with reply_recv:
-            await self._tools.send(
-                ExecuteTool(self.run_id, self.thread_id, call, self.request.trace, reply_send)
-            )
-            try:
-                return await reply_recv.receive()
-            except trio.Cancelled:
-                with trio.CancelScope(shield=True) as grace:
-                    grace.deadline = trio.current_time() + self._backstop
-                    try:
-                        await self._tools.send(CancelToolCall(self.run_id, call.call_id))
-                        await reply_recv.receive()
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel):
-                        pass  # the executor is gone: the session is being torn down
-                raise
+        return await self._result(call, await self._submit(call))
 
     async def execute_tools(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
-        """Run several tool calls in parallel; results in the order of ``calls``."""
-        results: list[ToolResult | None] = [None] * len(calls)
+        """Run several tool calls in parallel; results in the order of ``calls``.
 
-        async def one(index: int, call: ToolCall) -> None:
-            results[index] = await self.execute_tool(
-                call.name, call.arguments, call_id=call.call_id
-            )
+        The calls are submitted in order, so their ``tool_executing`` events
+        come in that order; their ``tool_completed`` events come as they finish.
+        Cancellation is handled per call as in ``execute_tool``.
+        """
+        submitted: list[tuple[ToolCall, trio.MemoryReceiveChannel[ToolResult]]] = []
+        try:
+            for call in calls:
+                submitted.append((call, await self._submit(call)))
+        except BaseException:
+            for call, reply in submitted:
+                await self._cancel_and_wait(call, reply)
+            raise
+        results: list[ToolResult | None] = [None] * len(submitted)
+
+        async def one(
+            index: int, call: ToolCall, reply: trio.MemoryReceiveChannel[ToolResult]
+        ) -> None:
+            results[index] = await self._result(call, reply)
 
         async with trio.open_nursery() as nursery:
-            for index, call in enumerate(calls):
-                nursery.start_soon(one, index, call)
+            for index, (call, reply) in enumerate(submitted):
+                nursery.start_soon(one, index, call, reply)
         return [r for r in results if r is not None]
+
+    async def _submit(self, call: ToolCall) -> trio.MemoryReceiveChannel[ToolResult]:
+        reply_send, reply_recv = trio.open_memory_channel[ToolResult](1)
+        await self._tools.send(
+            ExecuteTool(self.run_id, self.thread_id, call, self.request.trace, reply_send)
+        )
+        return reply_recv
+
+    async def _result(
+        self, call: ToolCall, reply: trio.MemoryReceiveChannel[ToolResult]
+    ) -> ToolResult:
+        try:
+            return await reply.receive()
+        except trio.Cancelled:
+            await self._cancel_and_wait(call, reply)
+            raise
+
+    async def _cancel_and_wait(
+        self, call: ToolCall, reply: trio.MemoryReceiveChannel[ToolResult]
+    ) -> None:
+        with trio.CancelScope(shield=True) as grace:
+            grace.deadline = trio.current_time() + self._backstop
+            try:
+                await self._tools.send(CancelToolCall(self.run_id, call.call_id))
+                await reply.receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel):
+                pass  # the executor is gone: the session is being torn down
+
+    # -- conversation and usage ------------------------------------------------------------
+
+    async def history(self) -> list[ChatMessage]:
+        """This thread's earlier turns (empty without a conversation store)."""
+        if self._conversations is None:
+            await trio.lowlevel.checkpoint()
+            return []
+        return await self._conversations.load(self.user_id, self.thread_id)
+
+    async def remember(self, messages: Sequence[ChatMessage]) -> None:
+        """Add this run's turn to the thread's history (shielded: it completes on cancel)."""
+        if self._conversations is None or not messages:
+            return
+        with trio.CancelScope(shield=True) as shield:
+            shield.deadline = trio.current_time() + 5
+            await self._conversations.append(self.user_id, self.thread_id, messages)
+
+    def record_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Add an LLM call's token usage; reported with ``agent_completed``."""
+        self.usage["prompt_tokens"] += prompt_tokens
+        self.usage["completion_tokens"] += completion_tokens
 
 
 class WebSocketNotifier(AgentWebSocketBridge):

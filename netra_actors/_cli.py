@@ -44,6 +44,15 @@ SERVE_FLAGS = (
     "thread_policy",
     "max_queued_per_thread",
     "max_active_runs_per_user",
+    "max_concurrent_tools",
+    "max_session_tools",
+    "tool_cancel_grace",
+    "llm",
+    "base_url",
+    "model",
+    "llm_timeout",
+    "llm_connect_timeout",
+    "llm_max_retries",
 )
 
 
@@ -65,7 +74,12 @@ def _parser() -> argparse.ArgumentParser:
 def _banner(config: Config, url: str, token: str) -> str:
     return "\n".join(
         [
-            f"netra-actors: serving protocol v1 at {url} (agent {config.agent!r})",
+            f"netra-actors: serving protocol v1 at {url} (agent {config.agent!r}, "
+            + (
+                "scripted offline LLM)"
+                if config.llm == "scripted"
+                else f"LLM {config.model!r} at {config.base_url})"
+            ),
             f"  a token for user 'demo' (valid {config.token_ttl:g} s):",
             f"    {token}",
             "  connect, for example:",

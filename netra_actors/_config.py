@@ -65,6 +65,37 @@ class Config:
     tool_timeout: float = attrs.field(
         default=60.0, validator=_positive, metadata={"help": "default per-tool timeout, seconds"}
     )
+    max_concurrent_tools: int = attrs.field(
+        default=64, validator=_positive, metadata={"help": "tools running at once, server-wide"}
+    )
+    max_session_tools: int = attrs.field(
+        default=16, validator=_positive, metadata={"help": "tools running at once per session"}
+    )
+    # -- the LLM ------------------------------------------------------------------------
+    llm: str = attrs.field(
+        default="scripted",
+        validator=attrs.validators.in_(("scripted", "openai")),
+        metadata={
+            "help": "scripted (offline demo) or openai (any OpenAI-compatible endpoint; "
+            "key from OPENAI_API_KEY)"
+        },
+    )
+    base_url: str = attrs.field(
+        default="https://api.openai.com/v1",
+        metadata={"help": "API root of the OpenAI-compatible endpoint"},
+    )
+    model: str = attrs.field(default="gpt-4o-mini", metadata={"help": "model name to request"})
+    llm_timeout: float = attrs.field(
+        default=60.0, validator=_positive, metadata={"help": "LLM read timeout, seconds"}
+    )
+    llm_connect_timeout: float = attrs.field(
+        default=10.0, validator=_positive, metadata={"help": "LLM connect timeout, seconds"}
+    )
+    llm_max_retries: int = attrs.field(
+        default=3,
+        validator=attrs.validators.ge(0),
+        metadata={"help": "retries on 429/5xx/connection errors before any token"},
+    )
     tool_cancel_grace: float = attrs.field(
         default=5.0,
         validator=_positive,

@@ -171,6 +171,9 @@ class Connection:
                 for frame in direct:
                     await self._send(frame)
                 if self._close_after_replies is not None:
+                    # Send every reply queued up to the closing error, then close.
+                    for frame in sub.take_direct():
+                        await self._send(frame)
                     return self._close_after_replies, False
                 for event in events:
                     await self._send(event.frame)
@@ -201,9 +204,11 @@ class Connection:
             while True:
                 message = await self.transport.receive()
                 # trio-websocket's limit counts characters; the documented limit is bytes.
-                if (
-                    isinstance(message, str)
-                    and len(message) * 4 > limit  # cheap test first: at most 4 bytes a character
+                if isinstance(message, bytes):
+                    if len(message) > limit:
+                        raise _Close(CLOSE_TOO_BIG)
+                elif (
+                    len(message) * 4 > limit  # cheap test first: at most 4 bytes a character
                     and len(message.encode("utf-8", "surrogatepass")) > limit
                 ):
                     raise _Close(CLOSE_TOO_BIG)

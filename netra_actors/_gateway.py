@@ -221,37 +221,43 @@ class Gateway:
         )
 
     async def handle(self, stream: trio.abc.Stream) -> None:
-        """Serve one accepted TCP (or TLS) stream; closes it when done."""
-        config = self.config
+        """Serve one accepted TCP (or TLS) stream; closes it when done.
+
+        Never raises (except cancellation): one connection's fault must never
+        reach ``serve_listeners``, which would stop the whole server.
+        """
         try:
-            with trio.move_on_after(config.handshake_timeout) as timer:
+            await self._handle(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+            pass  # the peer went away (or TLS failed): nothing to answer
+        except Exception:
+            logger.exception("connection handler failed")
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await trio.aclose_forcefully(stream)
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        try:
+            with trio.move_on_after(self.config.handshake_timeout) as timer:
                 request, raw = await _read_head(stream)
             if timer.cancelled_caught:
                 return
-            if request.headers.get("upgrade", "").lower() == "websocket":
-                await self._websocket(_ReplayStream(raw, stream), request)
-            else:
-                route = self.routes.get((request.method, request.path))
-                if route is None:
-                    response = HttpResponse.json(
-                        404, {"error": "not_found", "message": f"no route {request.path!r}"}
-                    )
-                else:
-                    response = await route(request)
-                await _send_http(stream, response)
         except _BadRequest as exc:
             await _send_http(
                 stream, HttpResponse.json(400, {"error": "bad_request", "message": str(exc)})
             )
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
-            pass  # the peer went away (or TLS failed): nothing to answer
-        except Exception:
-            # One connection's fault must never reach serve_listeners (which would
-            # stop the whole server).
-            logger.exception("connection handler failed")
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await stream.aclose()
+            return
+        if request.headers.get("upgrade", "").lower() == "websocket":
+            await self._websocket(_ReplayStream(raw, stream), request)
+            return
+        route = self.routes.get((request.method, request.path))
+        if route is None:
+            response = HttpResponse.json(
+                404, {"error": "not_found", "message": f"no route {request.path!r}"}
+            )
+        else:
+            response = await route(request)
+        await _send_http(stream, response)
 
     async def _refuse(
         self, request: trio_websocket.WebSocketRequest, status: int, error: str, message: str

@@ -9,7 +9,7 @@ provider plugs into the same interface.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import attrs
@@ -177,7 +177,7 @@ class LLMManager:
 
     async def stream(
         self, request: ChatRequest, *, provider: str | None = None
-    ) -> AsyncIterator[LLMChunk]:
+    ) -> AsyncGenerator[LLMChunk, None]:
         """Stream one assistant turn from a provider; see ``LLMProvider.stream_chat``."""
         source = self.provider(provider)
         try:

@@ -50,6 +50,8 @@ class ToolCall:
     call_id: str
     name: str
     arguments: Mapping[str, Any] = attrs.field(factory=dict)
+    #: Why the model's arguments could not be used (not JSON, not an object), if so.
+    invalid_arguments: str | None = None
 
 
 @attrs.frozen

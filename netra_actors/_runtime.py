@@ -9,6 +9,7 @@ its terminal event. The WebSocket server is a layer on top
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -19,10 +20,12 @@ import trio
 from ._agents import Agent, demo_agent, demo_llm, demo_tools
 from ._config import Config
 from ._connection import Connection
+from ._conversations import ConversationStore, MemoryConversationStore
 from ._exceptions import NetraError, RunRefused, RuntimeClosed
 from ._llm import LLMManager, LLMProvider
 from ._manager import UnifiedWebSocketManager
 from ._messages import TERMINAL_EVENTS, CancelOutcome, Event, ThreadPolicy
+from ._openai import OpenAIChatProvider, RetryPolicy
 from ._sequencer import EventStore, Subscription
 from ._session import Session, SessionServices, SessionStatistics
 from ._tools import ToolRegistry, UnifiedToolExecutionEngine
@@ -39,6 +42,18 @@ class RuntimeStatistics:
     active_runs: int
     queued_runs: int
     tasks: int
+
+
+def openai_provider(config: Config) -> OpenAIChatProvider:
+    """The OpenAI-compatible provider ``config`` describes; the key from ``OPENAI_API_KEY``."""
+    return OpenAIChatProvider(
+        base_url=config.base_url,
+        model=config.model,
+        api_key=os.environ.get("OPENAI_API_KEY"),
+        timeout=config.llm_timeout,
+        connect_timeout=config.llm_connect_timeout,
+        retry=RetryPolicy(max_retries=config.llm_max_retries),
+    )
 
 
 class RunHandle:
@@ -108,8 +123,11 @@ class Runtime:
         tools: ToolRegistry | None = None,
         llm: LLMManager | LLMProvider | None = None,
         store: EventStore | None = None,
+        conversations: ConversationStore | None = None,
     ) -> None:
         self.config = config or Config()
+        if llm is None and self.config.llm == "openai":
+            llm = openai_provider(self.config)
         if agents is None:
             agents = {"demo": demo_agent(self.config.max_steps)}
             tools = tools or demo_tools()
@@ -129,6 +147,7 @@ class Runtime:
             llm=self.llm,
             config=self.config,
             store=store,
+            conversations=conversations if conversations is not None else MemoryConversationStore(),
         )
         self.manager = UnifiedWebSocketManager()
         self._nursery: trio.Nursery | None = None

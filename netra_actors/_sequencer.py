@@ -152,6 +152,12 @@ class Subscription:
             self._direct.append(frame)
         self._wake.set()
 
+    def take_direct(self) -> list[str]:
+        """Remove and return the direct frames waiting now."""
+        frames = list(self._direct)
+        self._direct.clear()
+        return frames
+
     def reposition(self, after_seq: int) -> None:
         """Restart the stream after ``after_seq`` (a client's ``resume``)."""
         self.cursor = after_seq

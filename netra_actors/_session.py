@@ -29,6 +29,7 @@ import trio
 from ._agents import Agent
 from ._bridge import AgentWebSocketBridge
 from ._config import Config
+from ._conversations import ConversationStore
 from ._exceptions import AgentError, RuntimeClosed
 from ._llm import LLMManager
 from ._messages import (
@@ -65,6 +66,7 @@ class SessionServices:
     llm: LLMManager
     config: Config = attrs.field(factory=Config)
     store: EventStore | None = None
+    conversations: ConversationStore | None = None
 
 
 @attrs.frozen
@@ -189,6 +191,7 @@ class Session:
         self._ready = trio.Event()
         self._closed = trio.Event()
         self._runs_done = trio.Event()
+        self._sequencer_done = trio.Event()
         self._state_changed = trio.Event()
         self.closing = False
         # Written by their owning actors, read by statistics() and the idle watch.
@@ -219,7 +222,7 @@ class Session:
     async def _supervise(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self.sequencer.run, self._emit_recv)
+            nursery.start_soon(self._run_sequencer)
             nursery.start_soon(
                 partial(
                     run_tool_executor,
@@ -233,6 +236,13 @@ class Session:
             nursery.start_soon(self._idle_watch)
             self._ready.set()
             task_status.started()
+
+    async def _run_sequencer(self) -> None:
+        try:
+            await self.sequencer.run(self._emit_recv)
+        finally:
+            self._sequencer_done.set()
+            self._changed()
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -271,7 +281,10 @@ class Session:
             await self._agent_send.aclose()
             await self._tool_send.aclose()
             await self._emit_send.aclose()
-            await self._closed.wait()
+            await self._sequencer_done.wait()
+            # Not self._closed: this may run inside the session's own nursery.
+            while self._connections:
+                await self._state_changed.wait()
         if scope.cancelled_caught and self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -547,6 +560,7 @@ class Session:
                             llm=services.llm,
                             tool_specs=services.engine.registry.specs,
                             tool_reply_backstop=2 * services.config.tool_cancel_grace + 1,
+                            conversations=services.conversations,
                         )
                         final = await agent(bridge)
                         if not isinstance(final, str):
@@ -564,7 +578,10 @@ class Session:
                 elif error is not None:
                     terminal = event("agent_error", {"error": error.to_wire()})
                 else:
-                    terminal = event("agent_completed", {"status": "ok", "final_response": final})
+                    completed: dict[str, Any] = {"status": "ok", "final_response": final}
+                    if any(bridge.usage.values()):
+                        completed["usage"] = dict(bridge.usage)
+                    terminal = event("agent_completed", completed)
                 # Not shielded: a paced stream may make this wait, and that is fine.
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await emit.send(terminal)

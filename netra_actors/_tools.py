@@ -10,13 +10,14 @@ timeout, cancellation), so every ``tool_executing`` is matched by exactly one
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, get_type_hints
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, overload
 
 import attrs
 import orjson
@@ -33,50 +34,73 @@ from ._messages import (
     ToolResult,
     ToolStatus,
 )
+from ._tool_schema import ArgumentValidator, schema_for
 
-ToolFunction = Callable[..., Awaitable[Any]]
-
-_JSON_TYPES: dict[Any, str] = {
-    str: "string",
-    int: "integer",
-    float: "number",
-    bool: "boolean",
-    dict: "object",
-    list: "array",
-}
-
-
-def _schema_for(fn: ToolFunction) -> dict[str, Any]:
-    """A JSON schema of ``fn``'s keyword parameters, from its signature and annotations."""
-    hints = get_type_hints(fn)
-    properties: dict[str, Any] = {}
-    required: list[str] = []
-    for name, param in inspect.signature(fn).parameters.items():
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        json_type = _JSON_TYPES.get(hints.get(name))
-        properties[name] = {"type": json_type} if json_type else {}
-        if param.default is param.empty:
-            required.append(name)
-    return {"type": "object", "properties": properties, "required": required}
+ToolFunction = Callable[..., Any]
 
 
 @attrs.frozen
 class Tool:
-    """A named async function the model may call, with its parameter schema."""
+    """A named function the model may call, with its parameter schema.
+
+    ``function`` may be async (awaited in the session's tool executor) or
+    plain (run in a worker thread, so it cannot block the event loop).
+    """
 
     name: str
     description: str
     function: ToolFunction = attrs.field(eq=False)
     parameters: Mapping[str, Any] = attrs.field(factory=dict)
     timeout: float | None = None
+    _validator: ArgumentValidator | None = attrs.field(default=None, eq=False, repr=False)
+
+    @classmethod
+    def from_function(
+        cls,
+        fn: ToolFunction,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        timeout: float | None = None,
+        parameters: Mapping[str, Any] | None = None,
+    ) -> Tool:
+        """A tool whose schema is derived from ``fn``'s signature and docstring."""
+        derived_description, derived = schema_for(fn)
+        schema = dict(parameters) if parameters is not None else derived
+        return cls(
+            name=name or fn.__name__,
+            description=description or derived_description,
+            function=fn,
+            parameters=schema,
+            timeout=timeout,
+            validator=ArgumentValidator(schema),
+        )
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.function)
 
     @property
     def spec(self) -> ToolSpec:
         return ToolSpec(self.name, self.description, self.parameters)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the underlying function directly (as if it were not decorated)."""
+        return self.function(*args, **kwargs)
+
     def bind(self, arguments: Mapping[str, Any]) -> inspect.BoundArguments:
-        """Check ``arguments`` against the signature. Raises ``ToolError`` (invalid_arguments)."""
+        """Check ``arguments`` against the schema and the signature.
+
+        Raises:
+            ToolError: ``invalid_arguments``, with every problem found.
+        """
+        if self._validator is not None:
+            problems = self._validator.errors(arguments)
+            if problems:
+                raise ToolError(
+                    f"invalid arguments for {self.name!r}: " + "; ".join(problems),
+                    error_type="invalid_arguments",
+                )
         try:
             return inspect.signature(self.function).bind(**arguments)
         except TypeError as exc:
@@ -85,11 +109,40 @@ class Tool:
             ) from None
 
 
+@overload
+def tool(fn: ToolFunction, /) -> Tool: ...
+@overload
+def tool(
+    *, name: str | None = None, description: str | None = None, timeout: float | None = None
+) -> Callable[[ToolFunction], Tool]: ...
+def tool(
+    fn: ToolFunction | None = None,
+    /,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    timeout: float | None = None,
+) -> Tool | Callable[[ToolFunction], Tool]:
+    """Make a plain or async function a ``Tool`` (``@tool`` or ``@tool(timeout=5)``).
+
+    The JSON schema comes from the signature and the docstring's ``Args:``
+    section; the decorated name is the ``Tool`` (still callable as the function).
+    Register it with ``ToolRegistry([...])`` or ``registry.add``.
+    """
+
+    def make(function: ToolFunction) -> Tool:
+        return Tool.from_function(function, name=name, description=description, timeout=timeout)
+
+    return make(fn) if fn is not None else make
+
+
 class ToolRegistry:
     """The tools of a runtime, by name. Filled at start-up; read-only while runs execute."""
 
-    def __init__(self) -> None:
+    def __init__(self, tools: Iterable[Tool | ToolFunction] = ()) -> None:
         self._tools: dict[str, Tool] = {}
+        for item in tools:
+            self.add(item if isinstance(item, Tool) else Tool.from_function(item))
 
     def add(self, tool: Tool) -> Tool:
         if tool.name in self._tools:
@@ -107,15 +160,7 @@ class ToolRegistry:
         """Register an async function as a tool (decorator). Its docstring describes it."""
 
         def register(fn: ToolFunction) -> ToolFunction:
-            self.add(
-                Tool(
-                    name=name or fn.__name__,
-                    description=description or inspect.getdoc(fn) or "",
-                    function=fn,
-                    parameters=_schema_for(fn),
-                    timeout=timeout,
-                )
-            )
+            self.add(Tool.from_function(fn, name=name, description=description, timeout=timeout))
             return fn
 
         return register
@@ -147,30 +192,33 @@ def _check_json(value: Any) -> Any:
 class UnifiedToolExecutionEngine:
     """Runs tool calls and emits ``tool_executing`` / ``tool_completed`` for each.
 
-    Stateless between calls (the registry is read-only), so one engine serves
-    every session; each session's tool-executor actor drives it.
+    Stateless between calls apart from its global concurrency limit (the
+    registry is read-only), so one engine serves every session; each
+    session's tool-executor actor drives it.
+
+    Limits: at most ``max_concurrent`` tools run at once in the whole runtime
+    (and at most the executor's own limit per session); a call waits for a
+    slot after its ``tool_executing`` and before its timeout starts. Plain
+    (sync) tools run in worker threads. A thread cannot be interrupted: when
+    its call is cancelled or times out, the call is reported at once and the
+    thread is abandoned (it runs to completion in the background, its result
+    is dropped, and it keeps its thread until then).
     """
 
-    def __init__(self, registry: ToolRegistry, *, default_timeout: float | None = 60.0) -> None:
+    def __init__(
+        self,
+        registry: ToolRegistry,
+        *,
+        default_timeout: float | None = 60.0,
+        max_concurrent: int = 64,
+    ) -> None:
         self.registry = registry
         self.default_timeout = default_timeout
+        self.limiter = trio.CapacityLimiter(max_concurrent)
 
-    async def execute(
-        self,
-        request: ExecuteTool,
-        emit: trio.MemorySendChannel[EmitEvent],
-        call: ToolCallState | None = None,
-    ) -> ToolResult | None:
-        """Run one call; emit ``tool_executing`` and ``tool_completed``; return the outcome.
-
-        Never raises for a tool's failure: exceptions become status ``error``,
-        the timeout status ``timeout``, and a cancelled call (``call.scope``)
-        status ``cancelled``. ``tool_completed`` is emitted shielded, so it is
-        sent even when the call is cancelled. Returns ``None`` when the call was
-        abandoned meanwhile (``ToolCallState.abandon``), whose ``tool_completed``
-        has then already been emitted.
-        """
-        state = call or ToolCallState(request)
+    async def announce(self, state: ToolCallState, emit: trio.MemorySendChannel[EmitEvent]) -> None:
+        """Emit the call's ``tool_executing`` (with secret-looking parameters redacted)."""
+        request = state.request
         await emit.send(
             EmitEvent(
                 "tool_executing",
@@ -184,32 +232,82 @@ class UnifiedToolExecutionEngine:
                 },
             )
         )
+
+    async def execute(
+        self,
+        request: ExecuteTool,
+        emit: trio.MemorySendChannel[EmitEvent],
+        call: ToolCallState | None = None,
+        *,
+        session_limiter: trio.CapacityLimiter | None = None,
+        announced: bool = False,
+    ) -> ToolResult | None:
+        """Run one call; emit ``tool_executing`` (unless ``announced``) and ``tool_completed``.
+
+        Never raises for a tool's failure: exceptions become status ``error``,
+        the timeout status ``timeout``, and a cancelled call (``call.scope``)
+        status ``cancelled``. ``tool_completed`` is emitted shielded, so it is
+        sent even when the call is cancelled. Returns ``None`` when the call was
+        abandoned meanwhile (``ToolCallState.abandon``), whose ``tool_completed``
+        has then already been emitted.
+        """
+        state = call or ToolCallState(request)
+        if not announced:
+            await self.announce(state, emit)
         status: ToolStatus = "ok"
         results: Any = None
         error: ErrorInfo | None = None
         tool = self.registry.get(request.call.name)
         timeout = (tool.timeout if tool else None) or self.default_timeout
         with state.scope:
-            with trio.move_on_after(math.inf if timeout is None else timeout) as timer:
-                try:
-                    if tool is None:
-                        raise ToolError(
-                            f"no tool named {request.call.name!r}", error_type="unknown_tool"
-                        )
-                    bound = tool.bind(request.call.arguments)
-                    results = _check_json(await tool.function(*bound.args, **bound.kwargs))
-                except ToolError as exc:
-                    status, error = "error", ErrorInfo(exc.error_type, str(exc))
-                except Exception as exc:
-                    status, error = "error", ErrorInfo("tool_error", f"{type(exc).__name__}: {exc}")
-            if timer.cancelled_caught:
-                status = "timeout"
-                error = ErrorInfo(
-                    "timeout", f"{request.call.name!r} did not finish within {timeout} s"
-                )
+            try:
+                if request.call.invalid_arguments is not None:
+                    raise ToolError(
+                        f"invalid arguments for {request.call.name!r}: "
+                        f"{request.call.invalid_arguments}",
+                        error_type="invalid_arguments",
+                    )
+                if tool is None:
+                    raise ToolError(
+                        f"no tool named {request.call.name!r}", error_type="unknown_tool"
+                    )
+                bound = tool.bind(request.call.arguments)
+                async with session_limiter or _NO_LIMIT, self.limiter:
+                    with trio.move_on_after(math.inf if timeout is None else timeout) as timer:
+                        results = _check_json(await _invoke(tool, bound))
+                if timer.cancelled_caught:
+                    status = "timeout"
+                    error = ErrorInfo("timeout", f"{tool.name!r} did not finish within {timeout} s")
+            except ToolError as exc:
+                status, error = "error", ErrorInfo(exc.error_type, str(exc))
+            except Exception as exc:
+                status, error = "error", ErrorInfo("tool_error", f"{type(exc).__name__}: {exc}")
         if state.scope.cancelled_caught:
             status, error = "cancelled", ErrorInfo("cancelled", "the run was cancelled")
         return await state.settle(emit, status, results, error)
+
+
+class _Unlimited:
+    async def __aenter__(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LIMIT = _Unlimited()
+
+
+async def _invoke(tool: Tool, bound: inspect.BoundArguments) -> Any:
+    if tool.is_async:
+        return await tool.function(*bound.args, **bound.kwargs)
+    result = await trio.to_thread.run_sync(
+        functools.partial(tool.function, *bound.args, **bound.kwargs), abandon_on_cancel=True
+    )
+    if inspect.isawaitable(result):
+        # A plain function that returned an awaitable (e.g. a functools.partial of a coroutine).
+        return await result
+    return result
 
 
 class ToolCallState:
@@ -341,6 +439,7 @@ async def run_tool_executor(
     emit: trio.MemorySendChannel[EmitEvent],
     *,
     cancel_grace: float = 5.0,
+    max_concurrent: int = 16,
 ) -> None:
     """The tool-executor actor of one session.
 
@@ -350,11 +449,19 @@ async def run_tool_executor(
     the executor. ``CancelToolCall`` cancels that call's scope; a tool that has
     not stopped ``cancel_grace`` seconds later is abandoned (reported
     ``cancelled`` at once; whatever it does later is dropped). Calls are keyed
-    by ``(run_id, call_id)``. Ends when its inbox closes and every call has
-    finished; cancelling it cancels every call (each still emits
-    ``tool_completed``).
+    by ``(run_id, call_id)``. At most ``max_concurrent`` calls of the session
+    run at once.
+
+    Order: each call's ``tool_executing`` is emitted by this actor as its
+    ``ExecuteTool`` arrives, so parallel calls are announced in the order the
+    run submitted them (the order the model listed them); their
+    ``tool_completed`` events follow in the order the calls finish.
+
+    Ends when its inbox closes and every call has finished; cancelling it
+    cancels every call (each still emits ``tool_completed``).
     """
     calls: dict[tuple[str, str], ToolCallState] = {}
+    session_limiter = trio.CapacityLimiter(max_concurrent)
 
     def answer(state: ToolCallState, result: ToolResult | None) -> None:
         if result is None:
@@ -367,7 +474,10 @@ async def run_tool_executor(
 
     async def run_call(key: tuple[str, str], state: ToolCallState) -> None:
         try:
-            answer(state, await engine.execute(state.request, emit, state))
+            result = await engine.execute(
+                state.request, emit, state, session_limiter=session_limiter, announced=True
+            )
+            answer(state, result)
         finally:
             calls.pop(key, None)
 
@@ -384,6 +494,7 @@ async def run_tool_executor(
                     key = (message.run_id, message.call.call_id)
                     state = ToolCallState(message)
                     calls[key] = state
+                    await engine.announce(state, emit)
                     nursery.start_soon(run_call, key, state)
                 case CancelToolCall(run_id=run_id, call_id=call_id):
                     if (found := calls.get((run_id, call_id))) is not None:

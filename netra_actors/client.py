@@ -132,6 +132,16 @@ class NetraClient:
 
     async def _serve_one(self) -> int | None:
         """One connection, from handshake to close; its close code (``None``: never opened)."""
+        try:
+            return await self._serve_one_inner()
+        except BaseExceptionGroup as group:
+            # trio-websocket raises handshake failures from its reader task, so they
+            # arrive grouped; callers handle the single error inside.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def _serve_one_inner(self) -> int | None:
         code: int | None = None
         async with trio.open_nursery() as nursery:
             with trio.fail_after(self.connect_timeout):

@@ -107,7 +107,7 @@ def test_every_field_has_an_environment_variable() -> None:
         "Path | None": "cert.pem",
         "tuple[str, ...]": "https://a.example",
     }
-    by_name = {"thread_policy": "reject"}
+    by_name = {"thread_policy": "reject", "llm": "openai"}
     for field in attrs.fields(Config):
         raw = by_name.get(field.name, samples[str(field.type)])
         config = Config.from_env({ENV_PREFIX + field.name.upper(): raw})
