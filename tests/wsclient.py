@@ -12,18 +12,25 @@ when the *server* ends the connection: when it refuses the handshake
 closed) and when it sends the close frame first (``aclose`` then returns early
 without closing the stream). The ``ResourceWarning`` then fails the suite
 (``filterwarnings = error``).
+
+``served`` runs a runtime behind a real listener (a ``Gateway`` the test can
+reach, e.g. to stop accepting); ``http_get`` / ``http_exchange`` speak plain
+HTTP to the same port.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
+import attrs
+import h11
 import jsonschema
 import jsonschema.protocols
 import trio
@@ -31,6 +38,7 @@ import trio_websocket
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
+from netra_actors import Config, Gateway, GatewayInfo, Runtime, issue_token, serve
 from netra_actors.testing import EVENT_TYPES, TERMINAL_EVENTS
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
@@ -102,7 +110,7 @@ class WsClient:
         """The next frame, schema-checked against server_frame.json and recorded."""
         message = await self.ws.get_message()
         frame = decode(message)
-        load_validator("server_frame").validate(frame)
+        validate_server_frame(frame)
         assert isinstance(message, str)
         self.raw.append(message)
         self.frames.append(frame)
@@ -178,27 +186,76 @@ class WsClient:
         return accepted, await self.until_terminal(accepted["run_id"])
 
 
+@cache
+def _server_frame_branches() -> dict[str, str]:
+    """``type`` -> schema name, for every branch of server_frame.json's ``oneOf``.
+
+    Every branch pins ``type`` with a ``const``, so at most one branch can match a
+    frame: validating against the branch its ``type`` names is the same check as
+    validating against server_frame.json, about ten times faster (tests that count
+    thousands of events stay quick).
+    """
+    schemas = _schemas()
+    branches: dict[str, str] = {}
+    for branch in schemas["server_frame"]["oneOf"]:
+        name = branch["$ref"].removesuffix(".json")
+        const = schemas[name]["properties"]["type"]["const"]
+        assert const not in branches, f"two server_frame branches for type {const!r}"
+        branches[const] = name
+    return branches
+
+
+def validate_server_frame(frame: Frame) -> None:
+    """Check ``frame`` against docs/schemas/server_frame.json (raises ``ValidationError``)."""
+    kind = frame.get("type")
+    branch = _server_frame_branches().get(kind) if isinstance(kind, str) else None
+    # A frame no branch takes fails the full schema, with its full explanation.
+    load_validator(branch or "server_frame").validate(frame)
+
+
 @asynccontextmanager
 async def connect(
-    url: str, *, headers: list[tuple[bytes, bytes]] | None = None
+    url: str,
+    *,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    subprotocols: list[str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    message_queue_size: int = 1,
 ) -> AsyncIterator[WsClient]:
     """Open a WebSocket to ``url`` as a ``WsClient``; closed (1000) and its socket released on exit.
+
+    ``ws://`` or ``wss://`` (TLS with ``ssl_context``, default: the system trust
+    store). ``subprotocols`` are proposed in the handshake; the one the server
+    selected is ``client.ws.subprotocol``.
 
     Raises ``trio_websocket.ConnectionRejected`` when the server refuses the handshake.
     """
     parts = urlsplit(url)
-    assert parts.scheme == "ws"
+    assert parts.scheme in ("ws", "wss")
     assert parts.hostname is not None
     assert parts.port is not None
     resource = parts.path + (f"?{parts.query}" if parts.query else "")
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    if parts.scheme == "wss":
+        stream = await trio.open_ssl_over_tcp_stream(
+            parts.hostname,
+            parts.port,
+            ssl_context=ssl_context or ssl.create_default_context(),
+            https_compatible=True,
+        )
+    else:
+        stream = await trio.open_tcp_stream(parts.hostname, parts.port)
     try:
-        async with (
-            await trio.open_tcp_stream(parts.hostname, parts.port) as stream,
-            trio.open_nursery() as nursery,
-        ):
+        async with stream, trio.open_nursery() as nursery:
             try:
                 ws = await trio_websocket.wrap_client_stream(
-                    nursery, stream, parts.netloc, resource, extra_headers=headers
+                    nursery,
+                    stream,
+                    parts.netloc,
+                    resource,
+                    subprotocols=subprotocols,
+                    extra_headers=headers,
+                    message_queue_size=message_queue_size,
                 )
                 try:
                     yield WsClient(ws)
@@ -207,9 +264,122 @@ async def connect(
                         await ws.aclose()
             finally:
                 # Ends the reader task too, whatever state the WebSocket is in.
-                await stream.aclose()
+                await trio.aclose_forcefully(stream)
     except BaseExceptionGroup as group:
         # Only one exception can matter here (the test's, or the reader task's); show it bare.
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+# --- servers (real sockets on 127.0.0.1) -------------------------------------------------------
+
+
+@attrs.frozen
+class Served:
+    """A runtime served by ``served``: its ``Gateway`` and where it listens."""
+
+    runtime: Runtime
+    config: Config
+    gateway: Gateway
+    info: GatewayInfo
+
+    @property
+    def port(self) -> int:
+        return self.info.port
+
+    def token(self, user_id: str, ttl: float = 600.0, now: float | None = None) -> str:
+        """A token the server accepts for ``user_id``."""
+        assert self.config.secret is not None
+        return issue_token(user_id, self.config.secret.encode(), ttl=ttl, now=now)
+
+    def url(self, path: str = "/ws", **query: str | int) -> str:
+        """``ws(s)://127.0.0.1:PORT`` + ``path`` + ``query`` (in the order given)."""
+        scheme = "wss" if self.info.tls else "ws"
+        tail = f"?{urlencode(query)}" if query else ""
+        return f"{scheme}://127.0.0.1:{self.port}{path}{tail}"
+
+    def url_for(self, user_id: str, **query: str | int) -> str:
+        """The ``/ws`` URL with a token for ``user_id`` (``?token=``), then ``query``."""
+        return self.url(token=self.token(user_id), **query)
+
+
+@asynccontextmanager
+async def served(
+    config: Config, *, ssl_context: ssl.SSLContext | None = None, **runtime_options: Any
+) -> AsyncIterator[Served]:
+    """``Runtime(config, **runtime_options)`` served on ``config.host:config.port``.
+
+    On exit, like ``netra-actors serve`` on a signal: new handshakes are refused,
+    the runtime shuts down (open connections get their runs' last events and
+    1001), then the listener stops. If the body raised, everything is cancelled.
+    """
+    async with Runtime(config, **runtime_options) as runtime, trio.open_nursery() as nursery:
+        gateway = Gateway(runtime, config)
+        info = await nursery.start(
+            partial(serve, runtime, config, ssl_context=ssl_context, gateway=gateway)
+        )
+        yield Served(runtime, config, gateway, info)
+        gateway.accepting = False
+        await runtime.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@attrs.frozen
+class HttpAnswer:
+    """A plain-HTTP response read to its end."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        assert self.headers.get("content-type") == "application/json", self.headers
+        return json.loads(self.body)
+
+
+async def http_exchange(
+    port: int, request: bytes, *, ssl_context: ssl.SSLContext | None = None
+) -> HttpAnswer:
+    """Send raw ``request`` bytes to 127.0.0.1:``port``; the response, parsed with h11.
+
+    The server answers ``connection: close``, so the response is read to EOF.
+    """
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    if ssl_context is not None:
+        stream = await trio.open_ssl_over_tcp_stream(
+            "127.0.0.1", port, ssl_context=ssl_context, https_compatible=True
+        )
+    else:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await stream.send_all(request)
+        parser = h11.Connection(h11.CLIENT)
+        # h11 parses a response only after it has "sent" a request; nothing is sent here.
+        parser.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        parser.send(h11.EndOfMessage())
+        response: h11.Response | None = None
+        body = bytearray()
+        while True:
+            event = parser.next_event()
+            if event is h11.NEED_DATA:
+                parser.receive_data(bytes(await stream.receive_some()))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+        assert response is not None, "the connection closed before a response"
+        headers = {k.decode().lower(): v.decode() for k, v in response.headers}
+        return HttpAnswer(response.status_code, headers, bytes(body))
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def http_get(
+    port: int, path: str, *, ssl_context: ssl.SSLContext | None = None
+) -> HttpAnswer:
+    """``GET path`` over plain HTTP (or HTTPS with ``ssl_context``)."""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    return await http_exchange(port, request, ssl_context=ssl_context)
