@@ -49,7 +49,9 @@ async def baseline_path(events: int) -> tuple[int, float]:
     async def produce() -> None:
         async with send:
             for i in range(events):
-                await send.send({"type": "partial_result", "seq": i + 1, "data": {"text": f"t{i} "}})
+                await send.send(
+                    {"type": "partial_result", "seq": i + 1, "data": {"text": f"t{i} "}}
+                )
 
     start = _cpu()
     async with trio.open_nursery() as nursery:
