@@ -91,6 +91,7 @@ def tool_calling_agent(
                     turn.append(ChatMessage("assistant", final))
                     return final
                 bridge.next_step()
+                calls = bridge.unique_calls(calls)
                 turn.append(ChatMessage("assistant", "".join(answer), tool_calls=calls))
                 results = await bridge.execute_tools(calls)
                 turn.extend(_tool_message(r) for r in results)

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 import trio
 
 from ._conversations import ConversationStore
@@ -66,6 +67,8 @@ class AgentWebSocketBridge:
         self._step = 0
         self._backstop = tool_reply_backstop
         self._conversations = conversations
+        self._call_ids: set[str] = set()  # every call id of this run
+        self._unexecuted: set[str] = set()  # made unique by unique_calls, not yet run
         #: Token usage of this run's LLM calls (see ``record_usage``).
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
 
@@ -145,8 +148,35 @@ class AgentWebSocketBridge:
         that does not stop within ``tool_cancel_grace`` seconds is abandoned by
         the executor: reported ``cancelled`` at once, its late outcome dropped.
         """
-        call = ToolCall(call_id or new_call_id(), name, dict(arguments or {}))
+        call = self._take(ToolCall(call_id or new_call_id(), name, dict(arguments or {})))
         return await self._result(call, await self._submit(call))
+
+    def unique_calls(self, calls: Sequence[ToolCall]) -> tuple[ToolCall, ...]:
+        """``calls`` with ids made unique within this run (models reuse ids such as
+        ``call_0`` across turns, or even within one). Use the returned calls both to
+        execute and to record the assistant's turn, so results still match."""
+        return tuple(self._claim(call) for call in calls)
+
+    def _take(self, call: ToolCall) -> ToolCall:
+        """The call to execute: as given if ``unique_calls`` just made it, else claimed now."""
+        if call.call_id in self._unexecuted:
+            self._unexecuted.discard(call.call_id)
+            return call
+        call = self._claim(call)
+        self._unexecuted.discard(call.call_id)
+        return call
+
+    def _claim(self, call: ToolCall) -> ToolCall:
+        call_id = call.call_id
+        if call_id in self._call_ids:
+            n = 2
+            while f"{call.call_id}_{n}" in self._call_ids:
+                n += 1
+            call_id = f"{call.call_id}_{n}"
+            call = attrs.evolve(call, call_id=call_id)
+        self._call_ids.add(call_id)
+        self._unexecuted.add(call_id)
+        return call
 
     async def execute_tools(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
         """Run several tool calls in parallel; results in the order of ``calls``.
@@ -158,6 +188,7 @@ class AgentWebSocketBridge:
         submitted: list[tuple[ToolCall, trio.MemoryReceiveChannel[ToolResult]]] = []
         try:
             for call in calls:
+                call = self._take(call)
                 submitted.append((call, await self._submit(call)))
         except BaseException:
             for call, reply in submitted:

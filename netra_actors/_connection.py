@@ -81,6 +81,8 @@ class Connection:
         self.close_code: int | None = None
         # Set by the reader: close with this code once the queued replies are sent.
         self._close_after_replies: int | None = None
+        # Whether the writer is inside a send (so the frame stream may be mid-frame).
+        self._sending = False
 
     def _resume(self, sub: Subscription, after_seq: int, session_id: str | None) -> int:
         """Point ``sub`` just after ``after_seq``, or send ``resume_gap`` if that is not exact.
@@ -153,8 +155,12 @@ class Connection:
             self.done.set()
 
     async def _send(self, text: str) -> None:
+        self._sending = True
         with trio.move_on_after(self.config.send_timeout):
-            await self.transport.send_text(text)
+            try:
+                await self.transport.send_text(text)
+            finally:
+                self._sending = False
             return
         # The peer has not taken one frame for send_timeout seconds. The send was
         # cancelled mid-frame, so the connection cannot be used again: abort it.
@@ -235,6 +241,11 @@ class Connection:
                             "internal", f"internal error: {type(exc).__name__}", client_msg_id
                         )
                     )
+                if self.subscription.overflowed:
+                    # The client sends but does not read its replies. Close now: with
+                    # 4008 when nothing is being written, else abort (a close frame
+                    # cannot get past a send the peer is not reading).
+                    raise _Close(CLOSE_LAGGING, abort=self._sending)
         except TransportClosed:
             pass
         # The client is gone: nothing more to write.

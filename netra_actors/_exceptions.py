@@ -95,6 +95,8 @@ class ToolError(NetraError):
 
     Tools may raise it (or a subclass) to choose the message shown to the user;
     any other exception from a tool is reported as ``tool_error`` too.
+    ``error_type`` must be one of the protocol's ``tool_completed.error.type``
+    values (docs/protocol.md); any other is reported as ``tool_error``.
     """
 
     def __init__(self, message: str, *, error_type: str = "tool_error") -> None:

@@ -198,6 +198,10 @@ class Gateway:
         self.routes: dict[tuple[str, str], HttpRoute] = {("GET", "/healthz"): self._healthz}
         self._started = time.monotonic()
         self.accepting = True
+        # Connections admitted by this gateway (counted from the handshake checks on,
+        # so concurrent handshakes cannot all pass a limit).
+        self._admitted_total = 0
+        self._admitted: dict[str, int] = {}
 
     def add_route(self, method: str, path: str, route: HttpRoute) -> None:
         """Serve ``route`` for ``method path`` (plain HTTP, same port as ``/ws``)."""
@@ -306,14 +310,35 @@ class Gateway:
         if not self.accepting or self.runtime.closing:
             await self._refuse(request, 503, "unavailable", "server is shutting down")
             return
-        if manager.connection_count() >= config.max_connections:
+        total = max(self._admitted_total, manager.connection_count())
+        if total >= config.max_connections:
             await self._refuse(request, 503, "unavailable", "server connection limit reached")
             return
-        if len(manager.connections(user_id)) >= config.max_connections_per_user:
+        mine = max(self._admitted.get(user_id, 0), len(manager.connections(user_id)))
+        if mine >= config.max_connections_per_user:
             await self._refuse(
                 request, 429, "too_many_connections", "connection limit for this user"
             )
             return
+        # Counted before the first await below, so the checks above are race-free.
+        self._admitted_total += 1
+        self._admitted[user_id] = self._admitted.get(user_id, 0) + 1
+        try:
+            await self._accept(request, stream, head, user_id)
+        finally:
+            self._admitted_total -= 1
+            self._admitted[user_id] -= 1
+            if not self._admitted[user_id]:
+                del self._admitted[user_id]
+
+    async def _accept(
+        self,
+        request: trio_websocket.WebSocketRequest,
+        stream: _ReplayStream,
+        head: HttpRequest,
+        user_id: str,
+    ) -> None:
+        proposed = list(request.proposed_subprotocols)
         try:
             after_seq = _int_param(head.query.get("after_seq"))
         except ValueError as exc:
@@ -336,7 +361,7 @@ def _int_param(values: list[str] | None) -> int | None:
     """A non-negative integer query parameter. Raises ``ValueError`` for anything else."""
     if not values:
         return None
-    if not values[0].isdigit():
+    if not (values[0].isascii() and values[0].isdigit()):
         raise ValueError(f"after_seq must be a non-negative integer, got {values[0][:32]!r}")
     return int(values[0])
 

@@ -137,7 +137,9 @@ class Runtime:
         self.llm = llm
         self.tools = tools or ToolRegistry()
         self.engine = UnifiedToolExecutionEngine(
-            self.tools, default_timeout=self.config.tool_timeout
+            self.tools,
+            default_timeout=self.config.tool_timeout,
+            max_concurrent=self.config.max_concurrent_tools,
         )
         default_agent = self.config.agent if self.config.agent in agents else next(iter(agents))
         self._services = SessionServices(

@@ -152,6 +152,11 @@ class Subscription:
             self._direct.append(frame)
         self._wake.set()
 
+    @property
+    def overflowed(self) -> bool:
+        """More than ``MAX_DIRECT`` replies were waiting: the reader does not read."""
+        return self._overflowed
+
     def take_direct(self) -> list[str]:
         """Remove and return the direct frames waiting now."""
         frames = list(self._direct)

@@ -227,6 +227,7 @@ class Session:
                 partial(
                     run_tool_executor,
                     cancel_grace=self._services.config.tool_cancel_grace,
+                    max_concurrent=self._services.config.max_session_tools,
                 ),
                 self._services.engine,
                 self._tool_recv,

@@ -58,8 +58,12 @@ def json_schema_of(annotation: Any) -> dict[str, Any]:
 
 _ARGS_HEADER = re.compile(r"^\s*(Args|Arguments|Parameters)\s*:\s*$")
 _SECTION = re.compile(r"^\s*[A-Z][A-Za-z ]+:\s*$")
-_ARG_LINE = re.compile(r"^\s*(\*{0,2}\w+)\s*(\([^)]*\))?\s*:\s*(.*)$")
+_ARG_LINE = re.compile(r"^(\s*)(\*{0,2}\w+)\s*(\((?:[^()]|\([^()]*\))*\))?\s*:\s*(.*)$")
 _SPHINX = re.compile(r"^\s*:param\s+(?:\w+\s+)?(\w+)\s*:\s*(.*)$")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
 
 
 def parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
@@ -69,26 +73,37 @@ def parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
     lines = inspect.cleandoc(doc).splitlines()
     summary: list[str] = []
     params: dict[str, str] = {}
-    in_args = False
+    args_indent: int | None = None  # indentation of the Args: header while inside it
+    entry_indent: int | None = None
     current: str | None = None
+    sphinx_current: str | None = None
     for line in lines:
         if _ARGS_HEADER.match(line):
-            in_args, current = True, None
+            args_indent, entry_indent, current = _indent(line), None, None
             continue
         if sphinx := _SPHINX.match(line):
-            params[sphinx.group(1)] = sphinx.group(2).strip()
-            current = sphinx.group(1)
+            sphinx_current = sphinx.group(1)
+            params[sphinx_current] = sphinx.group(2).strip()
             continue
-        if in_args:
-            if _SECTION.match(line):
-                in_args, current = False, None
+        if sphinx_current is not None:
+            if line.strip() and _indent(line) > 0 and not line.lstrip().startswith(":"):
+                params[sphinx_current] = (params[sphinx_current] + " " + line.strip()).strip()
                 continue
-            if (arg := _ARG_LINE.match(line)) and not line.startswith(" " * 8):
-                current = arg.group(1).lstrip("*")
-                params[current] = arg.group(3).strip()
-            elif current and line.strip():
-                params[current] = (params[current] + " " + line.strip()).strip()
-            continue
+            sphinx_current = None
+        if args_indent is not None:
+            if not line.strip():
+                continue
+            if _indent(line) <= args_indent:
+                args_indent, current = None, None  # a new section (or text) at the same level
+            else:
+                arg = _ARG_LINE.match(line)
+                if arg and (entry_indent is None or _indent(line) <= entry_indent):
+                    entry_indent = _indent(line)
+                    current = arg.group(2).lstrip("*")
+                    params[current] = arg.group(4).strip()
+                elif current is not None:
+                    params[current] = (params[current] + " " + line.strip()).strip()
+                continue
         if not params and not _SECTION.match(line):
             summary.append(line)
     description = "\n".join(summary).strip().split("\n\n")[0].replace("\n", " ")
@@ -112,7 +127,7 @@ def schema_for(fn: Callable[..., Any]) -> tuple[str, dict[str, Any]]:
             prop["description"] = docs[name]
         if param.default is param.empty:
             required.append(name)
-        elif param.default is None or isinstance(param.default, str | int | float | bool):
+        elif _json_value(param.default):
             prop["default"] = param.default
         properties[name] = prop
     schema: dict[str, Any] = {
@@ -122,6 +137,16 @@ def schema_for(fn: Callable[..., Any]) -> tuple[str, dict[str, Any]]:
         "additionalProperties": False,
     }
     return description, schema
+
+
+def _json_value(value: Any) -> bool:
+    if value is None or isinstance(value, str | int | float | bool):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_json_value(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_value(v) for k, v in value.items())
+    return False
 
 
 class ArgumentValidator:

@@ -34,6 +34,7 @@ from ._messages import (
     ToolResult,
     ToolStatus,
 )
+from ._protocol import TOOL_ERROR_TYPES
 from ._tool_schema import ArgumentValidator, schema_for
 
 ToolFunction = Callable[..., Any]
@@ -279,7 +280,9 @@ class UnifiedToolExecutionEngine:
                     status = "timeout"
                     error = ErrorInfo("timeout", f"{tool.name!r} did not finish within {timeout} s")
             except ToolError as exc:
-                status, error = "error", ErrorInfo(exc.error_type, str(exc))
+                # Only the frozen vocabulary goes on the wire; other types read as tool_error.
+                kind = exc.error_type if exc.error_type in TOOL_ERROR_TYPES else "tool_error"
+                status, error = "error", ErrorInfo(kind, str(exc))
             except Exception as exc:
                 status, error = "error", ErrorInfo("tool_error", f"{type(exc).__name__}: {exc}")
         if state.scope.cancelled_caught:

@@ -18,6 +18,7 @@ as a frame, never hidden.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import ssl
@@ -328,7 +329,11 @@ class NetraClient:
         self._closed = True
         ws = self._ws
         if ws is not None:
-            with trio.move_on_after(2):
+            # The connection task may close the stream meanwhile.
+            with (
+                trio.move_on_after(2),
+                contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError),
+            ):
                 await ws.aclose()
 
 
@@ -338,21 +343,30 @@ async def connect(url: str, token: str, **options: Any) -> AsyncIterator[NetraCl
 
     Raises:
         AuthError: the server refused the token.
-        ClientClosed: the server refused the connection for another reason.
+        ClientClosed: the server refused the connection for another reason, or
+            the client gave up reconnecting while in use.
         TransportClosed: no connection could be made within ``connect_timeout``.
     """
     client = NetraClient(url, token, **options)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client._maintain)
-        with trio.move_on_after(client.connect_timeout) as timer:
-            await client._settled.wait()
-        if client._error is not None:
-            raise client._error
-        if timer.cancelled_caught:
-            nursery.cancel_scope.cancel()
-            raise TransportClosed(None, f"could not connect to {url} in {client.connect_timeout} s")
-        try:
-            yield client
-        finally:
-            await client.aclose()
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._maintain)
+            with trio.move_on_after(client.connect_timeout) as timer:
+                await client._settled.wait()
+            if client._error is not None:
+                await trio.sleep_forever()  # _maintain's error is about to end the nursery
+            if timer.cancelled_caught:
+                raise TransportClosed(
+                    None, f"could not connect to {url} in {client.connect_timeout} s"
+                )
+            try:
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # One error that matters (the caller's, or the client's): raise it bare.
+        leaves = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise

@@ -293,7 +293,7 @@ class Served:
         assert self.config.secret is not None
         return issue_token(user_id, self.config.secret.encode(), ttl=ttl, now=now)
 
-    def url(self, path: str = "/ws", **query: str | int) -> str:
+    def url(self, path: str = "/ws", /, **query: str | int) -> str:
         """``ws(s)://127.0.0.1:PORT`` + ``path`` + ``query`` (in the order given)."""
         scheme = "wss" if self.info.tls else "ws"
         tail = f"?{urlencode(query)}" if query else ""
