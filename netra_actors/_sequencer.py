@@ -239,7 +239,7 @@ class SessionSequencer:
         self._store = store
         self._subscriptions: set[Subscription] = set()
         self.ended = False
-        self._backlog = 0
+        self._inbox: trio.MemoryReceiveChannel[EmitEvent] | None = None
         self._room = trio.Event()
         self.paced_waits = 0
 
@@ -280,7 +280,7 @@ class SessionSequencer:
             last_seq=self.window.last_seq,
             window_events=len(self.window),
             subscriptions=len(self._subscriptions),
-            backlog=self._backlog,
+            backlog=self._inbox.statistics().current_buffer_used if self._inbox else 0,
         )
 
     def _stamp(self, msg: EmitEvent, seq: int, ts: float) -> Event:
@@ -316,6 +316,7 @@ class SessionSequencer:
         fastest reader, never of a slower one (which falls out of the window and
         is told so). With no pacing reader, nothing holds it back.
         """
+        self._inbox = inbox
         try:
             async for first in inbox:
                 room = await self._wait_for_room()
@@ -326,7 +327,6 @@ class SessionSequencer:
                         batch.append(inbox.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                self._backlog = inbox.statistics().current_buffer_used
                 ts = time.time()
                 seq = self.window.last_seq
                 events = []
