@@ -120,7 +120,7 @@ class ScriptedLLMProvider:
         self.name = name
         self._script = script
 
-    async def stream_chat(self, request: ChatRequest) -> AsyncIterator[LLMChunk]:
+    async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[LLMChunk, None]:
         turn = self._script(request)
         prompt_tokens = sum(len(m.content.split()) for m in request.messages)
         completion_tokens = 0
@@ -180,10 +180,17 @@ class LLMManager:
     ) -> AsyncGenerator[LLMChunk, None]:
         """Stream one assistant turn from a provider; see ``LLMProvider.stream_chat``."""
         source = self.provider(provider)
+        chunks = source.stream_chat(request)
         try:
-            async for chunk in source.stream_chat(request):
+            async for chunk in chunks:
                 yield chunk
         except LLMError:
             raise
         except Exception as exc:
             raise LLMError(f"provider {source.name!r} failed: {exc}") from exc
+        finally:
+            # Close the provider's generator now (and its HTTP stream), not at GC.
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with trio.CancelScope(shield=True):
+                    await aclose()

@@ -26,8 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
+from typing import Any, cast
 
 import attrs
 import httpx
@@ -102,6 +103,10 @@ class CircuitBreaker:
         if state == "half_open":
             self._trial = True
 
+    def release_trial(self) -> None:
+        """A trial call ended without an outcome (cancelled): let another one through."""
+        self._trial = False
+
     def record_success(self) -> None:
         self.failures = 0
         self._opened_at = None
@@ -112,6 +117,10 @@ class CircuitBreaker:
         self._trial = False
         if self.failures >= self.failure_threshold or self._opened_at is not None:
             self._opened_at = trio.current_time()
+
+
+class _Refused(Exception):
+    """The endpoint refused the request itself (a 4xx that retrying will not fix)."""
 
 
 class _Retryable(Exception):
@@ -216,7 +225,7 @@ class ToolCallAssembler:
         return tuple(calls)
 
 
-async def parse_sse_chunks(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
+async def parse_sse_chunks(lines: AsyncIterator[str]) -> AsyncGenerator[dict[str, Any], None]:
     """The JSON payloads of an SSE stream's ``data:`` lines, until ``[DONE]``.
 
     Raises:
@@ -233,6 +242,10 @@ async def parse_sse_chunks(lines: AsyncIterator[str]) -> AsyncIterator[dict[str,
             payload = "\n".join(data)
             data = []
             if payload == "[DONE]":
+                # Read the body to its end, so the HTTP client's iterators finish
+                # normally and the connection can be reused.
+                async for _ in lines:
+                    pass
                 return
             try:
                 yield json.loads(payload)
@@ -308,35 +321,61 @@ class OpenAIChatProvider:
             headers["traceparent"] = request.trace.to_traceparent()
         return headers
 
-    async def stream_chat(self, request: ChatRequest) -> AsyncIterator[LLMChunk]:
+    def _scrub(self, text: str) -> str:
+        """``text`` with the API key removed (upstream error bodies may quote it)."""
+        if self._api_key and self._api_key in text:
+            text = text.replace(self._api_key, "[redacted]")
+        return text
+
+    async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[LLMChunk, None]:
         """Stream one assistant turn; see the module docstring for failures and retries."""
         body, headers = self._body(request), self._headers(request)
         attempt = 0
         while True:
             self.breaker.before_call(self.name)
             streamed = False
+            settled = False
             try:
-                async for chunk in self._attempt(body, headers):
-                    streamed = True
-                    yield chunk
+                async with aclosing(self._attempt(body, headers)) as chunks:
+                    async for chunk in chunks:
+                        streamed = True
+                        yield chunk
                 self.breaker.record_success()
+                settled = True
                 return
             except _Retryable as exc:
                 self.breaker.record_failure()
+                settled = True
                 if attempt >= self.retry.max_retries:
                     raise LLMError(
                         f"provider {self.name!r}: {exc} (after {attempt + 1} attempts)"
                     ) from None
                 delay = self.retry.delay(attempt, exc.retry_after)
+            except _Refused as exc:
+                # The request itself was wrong (4xx): no sign the endpoint is unhealthy.
+                self.breaker.record_success()
+                settled = True
+                raise LLMError(str(exc)) from None
             except httpx.TransportError as exc:
                 self.breaker.record_failure()
-                what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                settled = True
+                what = self._scrub(
+                    f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                )
                 if streamed or attempt >= self.retry.max_retries:
-                    raise LLMError(f"provider {self.name!r} failed: {what}") from None
+                    raise LLMError(
+                        f"provider {self.name!r} failed: {what} (after {attempt + 1} attempts)"
+                    ) from None
                 delay = self.retry.delay(attempt)
             except LLMError:
                 self.breaker.record_failure()
+                settled = True
                 raise
+            finally:
+                if not settled:
+                    # Cancelled or closed early: the call says nothing about the endpoint,
+                    # but a half-open breaker must let the next trial through.
+                    self.breaker.release_trial()
             logger.info(
                 "provider %s: retrying in %.2f s (attempt %d)", self.name, delay, attempt + 1
             )
@@ -345,35 +384,41 @@ class OpenAIChatProvider:
 
     async def _attempt(
         self, body: dict[str, Any], headers: dict[str, str]
-    ) -> AsyncIterator[LLMChunk]:
+    ) -> AsyncGenerator[LLMChunk, None]:
         client = self._client_or_new()
         async with client.stream(
             "POST", self.url, json=body, headers=headers, timeout=self._timeout
         ) as response:
             if response.status_code != 200:
                 detail = (await response.aread())[:300].decode("utf-8", "replace")
-                message = f"HTTP {response.status_code}: {detail}"
+                message = self._scrub(f"HTTP {response.status_code}: {detail}")
                 if response.status_code in RETRYABLE_STATUS:
                     raise _Retryable(message, _retry_after(response))
-                raise LLMError(f"provider {self.name!r} refused the request: {message}")
+                raise _Refused(f"provider {self.name!r} refused the request: {message}")
             tools = ToolCallAssembler()
-            async for payload in parse_sse_chunks(response.aiter_lines()):
-                if "error" in payload:
-                    raise LLMError(f"provider {self.name!r} reported: {payload['error']}")
-                usage = payload.get("usage")
-                if usage:
-                    yield Usage(
-                        int(usage.get("prompt_tokens") or 0),
-                        int(usage.get("completion_tokens") or 0),
-                    )
-                for choice in payload.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                    if reasoning:
-                        yield ReasoningDelta(reasoning)
-                    if delta.get("content"):
-                        yield TextDelta(delta["content"])
-                    if delta.get("tool_calls"):
-                        tools.add(delta["tool_calls"])
+            async with (
+                aclosing(cast(AsyncGenerator[str, None], response.aiter_lines())) as lines,
+                aclosing(parse_sse_chunks(lines)) as payloads,
+            ):
+                async for payload in payloads:
+                    if "error" in payload:
+                        raise LLMError(
+                            self._scrub(f"provider {self.name!r} reported: {payload['error']}")
+                        )
+                    usage = payload.get("usage")
+                    if usage:
+                        yield Usage(
+                            int(usage.get("prompt_tokens") or 0),
+                            int(usage.get("completion_tokens") or 0),
+                        )
+                    for choice in payload.get("choices") or ():
+                        delta = choice.get("delta") or {}
+                        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                        if reasoning:
+                            yield ReasoningDelta(reasoning)
+                        if delta.get("content"):
+                            yield TextDelta(delta["content"])
+                        if delta.get("tool_calls"):
+                            tools.add(delta["tool_calls"])
             if tools:
                 yield ToolCallsReady(tools.calls())
