@@ -29,6 +29,7 @@ from urllib.parse import urlencode, urlsplit
 
 import trio
 import trio_websocket
+from wsproto.utilities import LocalProtocolError
 
 from ._exceptions import AuthError, NetraError, TransportClosed
 from ._messages import TERMINAL_EVENTS
@@ -137,9 +138,10 @@ class NetraClient:
             return await self._serve_one_inner()
         except BaseExceptionGroup as group:
             # trio-websocket raises handshake failures from its reader task, so they
-            # arrive grouped; callers handle the single error inside.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
+            # arrive grouped (sometimes nested); callers handle the single error inside.
+            leaves = _leaves(group)
+            if len(leaves) == 1:
+                raise leaves[0] from None
             raise
 
     async def _serve_one_inner(self) -> int | None:
@@ -202,6 +204,14 @@ class NetraClient:
                                 "invalid", f"server refused the token: {body}"
                             ) from None
                         raise ClientClosed(f"server refused: {exc.status_code} {body}") from None
+                except LocalProtocolError:
+                    # trio-websocket answers a ping that arrives while the connection is
+                    # closing, which wsproto refuses (trio-websocket issue #184): the
+                    # connection is over either way.
+                    if self._closed:
+                        return
+                    if not self.reconnect:
+                        raise
                 except (
                     OSError,
                     trio.TooSlowError,
@@ -366,7 +376,18 @@ async def connect(url: str, token: str, **options: Any) -> AsyncIterator[NetraCl
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # One error that matters (the caller's, or the client's): raise it bare.
-        leaves = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+        leaves = _leaves(group)
         if len(leaves) == 1:
             raise leaves[0] from None
         raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The non-cancellation exceptions inside a (possibly nested) group."""
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found.extend(_leaves(exc))
+        elif not isinstance(exc, trio.Cancelled):
+            found.append(exc)
+    return found
