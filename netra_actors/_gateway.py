@@ -26,6 +26,7 @@ import h11
 import orjson
 import trio
 import trio_websocket
+from wsproto.utilities import LocalProtocolError
 
 from ._auth import load_secret, verify_token
 from ._config import Config
@@ -232,9 +233,17 @@ class Gateway:
         """
         try:
             await self._handle(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+        except* (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            ssl.SSLError,
+            OSError,
+            # trio-websocket answers a ping that crosses our close frame, which wsproto
+            # refuses (trio-websocket issue #184): the connection was closing anyway.
+            LocalProtocolError,
+        ):
             pass  # the peer went away (or TLS failed): nothing to answer
-        except Exception:
+        except* Exception:
             logger.exception("connection handler failed")
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
