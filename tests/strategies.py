@@ -263,7 +263,7 @@ TOOL_SECONDS: Mapping[ToolKind, float] = {
     "late": TIMED_TIMEOUT,
 }
 
-#: ``agent_error.data.error.message`` prefix of a scripted crash, and the model's failure text.
+#: Text in ``agent_error.data.error.message`` of a scripted crash and of the model's failure.
 CRASH_MESSAGE = "scripted crash"
 LLM_FAILURE = "the scripted model failed"
 
