@@ -66,11 +66,59 @@ class HttpRequest:
 
     @property
     def path(self) -> str:
-        return urlsplit(self.target).path
+        return _split(self.target)[2]
 
     @property
     def query(self) -> dict[str, list[str]]:
-        return parse_qs(urlsplit(self.target).query)
+        return parse_qs(_split(self.target)[3])
+
+
+def _split(url: str) -> tuple[str, str, str, str, str]:
+    """``urlsplit``, except that a URL it cannot split (an unbalanced ``[``, legal in an
+    HTTP target) has an empty netloc and the whole URL as its path: it then matches no
+    route and no origin, instead of raising."""
+    try:
+        return tuple(urlsplit(url))  # type: ignore[return-value]
+    except ValueError:
+        return ("", "", url, "", "")
+
+
+def upgrade_problem(request: HttpRequest) -> HttpResponse | None:
+    """Why ``request`` is not a WebSocket opening handshake (RFC 6455, 4.2.1), as the
+    documented JSON refusal, or None. Checked before wsproto sees the head, so every
+    refusal carries a body, and header values wsproto cannot decode get 400, not a fault."""
+
+    def refuse(message: str, status: int = 400, **headers: str) -> HttpResponse:
+        body = orjson.dumps({"error": "bad_request", "message": message})
+        return HttpResponse(status, body, headers=tuple(headers.items()))
+
+    headers = request.headers
+    if request.method != "GET":
+        return refuse("a WebSocket handshake must be a GET request")
+    if not request.target.isascii():
+        return refuse("the request target is not ASCII")
+    for name in ("connection", "sec-websocket-protocol", "sec-websocket-extensions"):
+        if not headers.get(name, "").isascii():
+            return refuse(f"header {name!r} is not ASCII")
+    try:
+        headers.get("host", "").encode("latin-1").decode("idna")
+    except UnicodeError:
+        return refuse("header 'host' is not a valid host name")
+    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    if "upgrade" not in tokens:
+        return refuse("missing header 'Connection: Upgrade'")
+    version = headers.get("sec-websocket-version")
+    if version != "13":
+        return refuse(
+            "unsupported WebSocket version (this server speaks 13)",
+            426 if version else 400,
+            **{"sec-websocket-version": "13"},
+        )
+    if not headers.get("sec-websocket-key"):
+        return refuse("missing header 'Sec-WebSocket-Key'")
+    if "host" not in headers:
+        return refuse("missing header 'Host'")
+    return None
 
 
 HttpRoute = Callable[[HttpRequest], Awaitable[HttpResponse]]
@@ -129,7 +177,10 @@ async def _read_head(stream: trio.abc.Stream) -> tuple[HttpRequest, bytes]:
         except h11.RemoteProtocolError as exc:
             raise _BadRequest(f"malformed request: {exc}") from None
         if isinstance(event, h11.Request):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+            headers: dict[str, str] = {}
+            for name, value in event.headers:  # repeated headers join as one list (RFC 9110)
+                key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
             if len(raw) - len(parser.trailing_data[0]) > MAX_HEAD_BYTES:
                 raise _BadRequest("request head too large")
             return (
@@ -184,7 +235,7 @@ def _origin_allowed(origin: str | None, request: HttpRequest, allowed: tuple[str
         return True
     host = request.headers.get("host", "")
     # The server's own page connects from its own origin.
-    if urlsplit(origin).netloc == host:
+    if _split(origin)[1] == host:
         return True
     return origin.rstrip("/") in allowed
 
@@ -261,7 +312,11 @@ class Gateway:
             )
             return
         if request.headers.get("upgrade", "").lower() == "websocket":
-            await self._websocket(_ReplayStream(raw, stream), request)
+            problem = upgrade_problem(request)
+            if problem is not None:
+                await _send_http(stream, problem)
+            else:
+                await self._websocket(_ReplayStream(raw, stream), request)
             return
         route = self.routes.get((request.method, request.path))
         if route is None:
