@@ -53,6 +53,16 @@ SERVE_FLAGS = (
     "llm_timeout",
     "llm_connect_timeout",
     "llm_max_retries",
+    "run_timeout",
+    "stall_timeout",
+    "store",
+    "sqlite_synchronous",
+    "retention_max_age",
+    "retention_max_events",
+    "retention_interval",
+    "metrics_token",
+    "otel",
+    "log_format",
 )
 
 

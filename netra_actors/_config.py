@@ -35,6 +35,11 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -
         raise ConfigError(f"{attribute.name} must be a positive finite number, got {value}")
 
 
+def _positive_or_none(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _positive(instance, attribute, value)
+
+
 def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
         raise ConfigError(f"{attribute.name} must be 0 to 65535, got {value}")
@@ -51,7 +56,7 @@ class Config:
     data_dir: Path = attrs.field(
         default=Path(".netra_actors"),
         converter=Path,
-        metadata={"help": "folder for the token secret (and, later, the event store)"},
+        metadata={"help": "folder for the token secret and the SQLite store"},
     )
     secret: str | None = attrs.field(
         default=None,
@@ -188,6 +193,68 @@ class Config:
     max_active_runs_per_user: int = attrs.field(
         default=4, validator=_positive, metadata={"help": "concurrently executing runs per user"}
     )
+    # -- runs ---------------------------------------------------------------------------
+    run_timeout: float | None = attrs.field(
+        default=600.0,
+        validator=_positive_or_none,
+        metadata={"help": "a run still going after this many seconds ends agent_error timeout"},
+    )
+    stall_timeout: float | None = attrs.field(
+        default=300.0,
+        validator=_positive_or_none,
+        metadata={
+            "help": "a run with no event and no tool result for this many seconds ends "
+            "agent_error timeout"
+        },
+    )
+    # -- persistence --------------------------------------------------------------------
+    store: str = attrs.field(
+        default="sqlite",
+        validator=attrs.validators.in_(("sqlite", "memory")),
+        metadata={
+            "help": "sqlite (runs and events in data-dir/netra.sqlite3, kept across restarts) "
+            "or memory (nothing persisted)"
+        },
+    )
+    sqlite_synchronous: str = attrs.field(
+        default="NORMAL",
+        converter=lambda value: str(value).upper(),
+        validator=attrs.validators.in_(("NORMAL", "FULL")),
+        metadata={
+            "help": "NORMAL survives a process crash, FULL also a power loss (slower commits)"
+        },
+    )
+    retention_max_age: float | None = attrs.field(
+        default=30 * 86_400.0,
+        validator=_positive_or_none,
+        metadata={"help": "stored events older than this many seconds are pruned"},
+    )
+    retention_max_events: int | None = attrs.field(
+        default=100_000,
+        validator=_positive_or_none,
+        metadata={"help": "events kept per session in the store (the oldest are pruned)"},
+    )
+    retention_interval: float = attrs.field(
+        default=3600.0, validator=_positive, metadata={"help": "seconds between pruning passes"}
+    )
+    # -- observability ------------------------------------------------------------------
+    metrics_token: str | None = attrs.field(
+        default=None,
+        repr=False,
+        metadata={"help": "bearer token required by GET /metrics (default: open)"},
+    )
+    otel: bool = attrs.field(
+        default=False,
+        metadata={
+            "help": "export spans with OpenTelemetry (needs opentelemetry-sdk; configured by "
+            "the standard OTEL_* variables)"
+        },
+    )
+    log_format: str = attrs.field(
+        default="text",
+        validator=attrs.validators.in_(("text", "json")),
+        metadata={"help": "text, or json (one object per line, with trace ids)"},
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -242,6 +309,14 @@ def _parse_flag(field: attrs.Attribute[Any], raw: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True} | {
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+
+
 def _parse(field: attrs.Attribute[Any], raw: str) -> Any:
     kind = str(field.type)
     if kind.endswith(" | None"):
@@ -255,6 +330,11 @@ def _parse(field: attrs.Attribute[Any], raw: str) -> Any:
             return float(raw)
         if kind == "Path":
             return Path(raw)
+        if kind == "bool":
+            word = raw.strip().lower()
+            if word not in _BOOLEANS:
+                raise ValueError(raw)
+            return _BOOLEANS[word]
     except ValueError:
         raise ConfigError(f"{field.name}: {raw!r} is not a valid {kind}") from None
     return raw

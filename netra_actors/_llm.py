@@ -17,6 +17,7 @@ import trio
 
 from ._exceptions import LLMError
 from ._messages import ToolCall
+from ._telemetry import Telemetry
 from ._trace import UnifiedTraceContext
 
 
@@ -157,6 +158,8 @@ class LLMManager:
         if default is not None and default not in self._providers:
             raise ValueError(f"no provider named {default!r}")
         self.default = default
+        #: Receives a span per LLM call (set by the runtime).
+        self.telemetry = Telemetry()
 
     def register(self, provider: LLMProvider, *, default: bool = False) -> None:
         """Add a provider (at start-up; the manager is read-only while runs execute)."""

@@ -28,6 +28,7 @@ from ._messages import TERMINAL_EVENTS, CancelOutcome, Event, ThreadPolicy
 from ._openai import OpenAIChatProvider, RetryPolicy
 from ._sequencer import EventStore, Subscription
 from ._session import Session, SessionServices, SessionStatistics
+from ._telemetry import Telemetry
 from ._tools import ToolRegistry, UnifiedToolExecutionEngine
 from ._trace import UnifiedTraceContext
 from ._transport import Transport
@@ -124,8 +125,10 @@ class Runtime:
         llm: LLMManager | LLMProvider | None = None,
         store: EventStore | None = None,
         conversations: ConversationStore | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config or Config()
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
         if llm is None and self.config.llm == "openai":
             llm = openai_provider(self.config)
         if agents is None:
@@ -141,6 +144,7 @@ class Runtime:
             default_timeout=self.config.tool_timeout,
             max_concurrent=self.config.max_concurrent_tools,
         )
+        self.engine.telemetry = self.llm.telemetry = self.telemetry
         default_agent = self.config.agent if self.config.agent in agents else next(iter(agents))
         self._services = SessionServices(
             agents=dict(agents),
@@ -150,6 +154,7 @@ class Runtime:
             config=self.config,
             store=store,
             conversations=conversations if conversations is not None else MemoryConversationStore(),
+            telemetry=self.telemetry,
         )
         self.manager = UnifiedWebSocketManager()
         self._nursery: trio.Nursery | None = None

@@ -46,6 +46,7 @@ from ._messages import (
     ToolInbox,
 )
 from ._sequencer import EventStore, SessionSequencer, Subscription
+from ._telemetry import Telemetry
 from ._tools import UnifiedToolExecutionEngine, run_tool_executor
 from ._trace import UnifiedTraceContext
 
@@ -67,6 +68,7 @@ class SessionServices:
     config: Config = attrs.field(factory=Config)
     store: EventStore | None = None
     conversations: ConversationStore | None = None
+    telemetry: Telemetry = attrs.field(factory=Telemetry)
 
 
 @attrs.frozen

@@ -35,6 +35,7 @@ from ._messages import (
     ToolStatus,
 )
 from ._protocol import TOOL_ERROR_TYPES
+from ._telemetry import Telemetry
 from ._tool_schema import ArgumentValidator, schema_for
 
 ToolFunction = Callable[..., Any]
@@ -216,6 +217,8 @@ class UnifiedToolExecutionEngine:
         self.registry = registry
         self.default_timeout = default_timeout
         self.limiter = trio.CapacityLimiter(max_concurrent)
+        #: Receives a span per tool call (set by the runtime).
+        self.telemetry = Telemetry()
 
     async def announce(self, state: ToolCallState, emit: trio.MemorySendChannel[EmitEvent]) -> None:
         """Emit the call's ``tool_executing`` (with secret-looking parameters redacted)."""
