@@ -40,6 +40,10 @@ def _positive_or_none(instance: object, attribute: attrs.Attribute[Any], value: 
         _positive(instance, attribute, value)
 
 
+def _upper(value: object) -> str:
+    return str(value).upper()
+
+
 def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
         raise ConfigError(f"{attribute.name} must be 0 to 65535, got {value}")
@@ -218,7 +222,7 @@ class Config:
     )
     sqlite_synchronous: str = attrs.field(
         default="NORMAL",
-        converter=lambda value: str(value).upper(),
+        converter=_upper,
         validator=attrs.validators.in_(("NORMAL", "FULL")),
         metadata={
             "help": "NORMAL survives a process crash, FULL also a power loss (slower commits)"

@@ -68,6 +68,8 @@ def make_config(tmp_path: os.PathLike[str]) -> Callable[..., Config]:
             "data_dir": tmp_path,
             "secret": TEST_SECRET,
             "shutdown_grace": 2.0,
+            # Tests that exercise persistence ask for store="sqlite" (in tmp_path).
+            "store": "memory",
         }
         values.update(overrides)
         return Config(**values)  # type: ignore[arg-type]
