@@ -9,12 +9,52 @@ the runtime; a persistent store (SQLite, later) implements the same two methods.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import trio
 
 from ._llm import ChatMessage
+from ._messages import ToolCall
+
+
+def trim_history(messages: Sequence[ChatMessage], max_messages: int) -> list[ChatMessage]:
+    """The newest ``max_messages`` of ``messages``, never starting with a ``tool`` message
+    whose call is gone (chat-completions APIs refuse such a history)."""
+    start = max(0, len(messages) - max_messages)
+    while start < len(messages) and messages[start].role == "tool":
+        start += 1
+    return list(messages[start:])
+
+
+def message_to_dict(message: ChatMessage) -> dict[str, Any]:
+    """A history message as JSON-ready data (for stores that keep text)."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"call_id": c.call_id, "name": c.name, "arguments": dict(c.arguments)}
+            | ({"invalid_arguments": c.invalid_arguments} if c.invalid_arguments else {})
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
+def message_from_dict(data: Mapping[str, Any]) -> ChatMessage:
+    """The inverse of ``message_to_dict``."""
+    return ChatMessage(
+        role=data["role"],
+        content=data.get("content", ""),
+        tool_calls=tuple(
+            ToolCall(c["call_id"], c["name"], c.get("arguments", {}), c.get("invalid_arguments"))
+            for c in data.get("tool_calls", ())
+        ),
+        tool_call_id=data.get("tool_call_id"),
+        name=data.get("name"),
+    )
 
 
 class ConversationStore(Protocol):
@@ -47,5 +87,6 @@ class MemoryConversationStore:
         await trio.lowlevel.checkpoint()
         history = self._threads.setdefault((user_id, thread_id), deque())
         history.extend(messages)
-        while len(history) > self.max_messages or (history and history[0].role == "tool"):
+        kept = trim_history(history, self.max_messages)
+        while len(history) > len(kept):
             history.popleft()

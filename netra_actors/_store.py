@@ -1,0 +1,854 @@
+"""Trace persistence: runs, every event exactly as sent, and conversation histories.
+
+``RunStore`` is the seam: the runtime only ever calls its methods, so another
+engine (PostgreSQL, later) is one more class that passes the shared suite in
+``tests/test_store_suite.py``. Two implementations:
+
+``SqliteStore``
+    The embedded default: one file (``data-dir/netra.sqlite3``) in WAL mode,
+    schema created on first start and migrated by version (``PRAGMA
+    user_version``). A single writer actor commits whatever has accumulated in
+    one transaction (group commit); ``append`` returns only once its events are
+    committed, and the sequencer publishes nothing before that, so no client
+    ever sees an event the store could forget, and a ``seq`` is never reused
+    (the key ``(session_id, seq)`` forbids it). ``synchronous=NORMAL`` (default)
+    survives a process crash; ``FULL`` also survives a power loss, at the price
+    of an fsync per commit.
+``MemoryStore``
+    The same contract in memory (nothing survives the process); the reference
+    implementation of the suite, and handy in tests.
+
+The ``runs`` table is derived from the events in the same transaction that
+stores them, with the tracker's rules (``state_after``), so a run's row can
+never disagree with its events.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import attrs
+import orjson
+import trio
+
+from ._conversations import ConversationStore, message_from_dict, message_to_dict, trim_history
+from ._exceptions import NetraError
+from ._llm import ChatMessage
+from ._messages import Event
+from ._tracker import FINISHED_STATES, RunState, state_after
+
+SCHEMA_VERSION = 1
+DB_FILENAME = "netra.sqlite3"
+
+
+class StoreError(NetraError):
+    """The store refused a write (a ``seq`` that does not follow, an unknown session)."""
+
+
+@attrs.frozen
+class StoredSession:
+    """A user's stream as stored: ``first_seq`` is the oldest event still kept."""
+
+    session_id: str
+    user_id: str
+    first_seq: int
+    last_seq: int
+    created_at: float
+
+
+@attrs.frozen
+class StoredRun:
+    """One run as stored (derived from its events)."""
+
+    run_id: str
+    session_id: str
+    user_id: str
+    thread_id: str
+    state: RunState
+    agent_name: str | None = None
+    text: str | None = None
+    trace_id: str | None = None
+    span_id: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    first_seq: int | None = None
+    last_seq: int | None = None
+    error: Mapping[str, Any] | None = None
+    usage: Mapping[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class OpenToolCall:
+    """A tool call announced (``tool_executing``) but never completed."""
+
+    call_id: str
+    tool_name: str
+    span_id: str
+
+
+@attrs.frozen
+class OpenRun:
+    """A run without a terminal event (the process died while it ran)."""
+
+    run: StoredRun
+    open_calls: tuple[OpenToolCall, ...]
+
+
+class RunStore(Protocol):
+    """What the runtime needs from a store. Every method is a checkpoint.
+
+    ``run`` is the store's actor (its writer): the runtime starts it in its
+    nursery and calls the other methods only after it reported started, and
+    ``aclose`` before leaving. Cancelling ``run`` loses only writes whose
+    ``append`` had not returned.
+    """
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the store (create or migrate its schema) and serve writes until ``aclose``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Commit what is pending, stop the writer and release the store; idempotent."""
+        ...
+
+    async def session_for(self, user_id: str) -> StoredSession | None:
+        """The user's stored stream, or None if the user never had one."""
+        ...
+
+    async def create_session(self, session_id: str, user_id: str) -> None:
+        """Record a new, empty stream for ``user_id``. Raises ``StoreError`` if it has one."""
+        ...
+
+    async def append(self, session_id: str, events: Sequence[Event]) -> None:
+        """Store events (their ``seq`` must follow the session's ``last_seq``), durably,
+        before returning. Raises ``StoreError`` for a ``seq`` that does not follow."""
+        ...
+
+    async def events_after(self, session_id: str, after_seq: int, limit: int) -> list[Event]:
+        """Up to ``limit`` stored events with ``seq > after_seq``, oldest first."""
+        ...
+
+    async def get_run(self, run_id: str) -> StoredRun | None: ...
+
+    async def list_runs(
+        self, *, user_id: str | None = None, state: str | None = None, limit: int = 100
+    ) -> list[StoredRun]:
+        """The newest runs first (by their first event)."""
+        ...
+
+    async def run_events(self, run_id: str) -> list[Event]:
+        """Every stored event of the run, in ``seq`` order."""
+        ...
+
+    async def open_runs(self) -> list[OpenRun]:
+        """Runs with no terminal event, with their tool calls that never completed."""
+        ...
+
+    async def prune(
+        self, *, max_age: float | None, max_events: int | None, now: float | None = None
+    ) -> int:
+        """Drop each session's oldest events: those older than ``max_age`` seconds and all
+        but the newest ``max_events``. Only a prefix of a stream goes (never a hole), and
+        never an event of a run that is still open. Returns how many events went."""
+        ...
+
+    @property
+    def conversations(self) -> ConversationStore:
+        """The threads' histories, kept in the same store."""
+        ...
+
+
+# -- shared by every implementation ----------------------------------------------------------
+
+
+def event_from_frame(frame: str) -> Event:
+    """The ``Event`` a stored frame was made from (the frame is kept byte for byte)."""
+    obj = orjson.loads(frame)
+    return Event(
+        seq=obj["seq"],
+        type=obj["type"],
+        run_id=obj["run_id"],
+        thread_id=obj["thread_id"],
+        ts=obj["ts"],
+        trace_id=obj["trace_id"],
+        span_id=obj["span_id"],
+        data=obj["data"],
+        frame=frame,
+    )
+
+
+def run_changes(event: Event) -> dict[str, Any]:
+    """The ``runs`` columns an event sets (the same rules for every store)."""
+    changes: dict[str, Any] = {"last_seq": event.seq}
+    target = state_after(event.type, event.data)
+    if target is None:
+        return changes
+    changes["state"] = target
+    data = event.data
+    if target == "running":
+        changes.update(
+            started_at=event.ts,
+            agent_name=data.get("agent_name"),
+            text=data.get("text"),
+            span_id=event.span_id,
+        )
+    else:
+        changes["ended_at"] = event.ts
+        if isinstance(data.get("error"), Mapping):
+            changes["error"] = dict(data["error"])
+        if isinstance(data.get("usage"), Mapping):
+            changes["usage"] = dict(data["usage"])
+    return changes
+
+
+def open_tool_calls(events: Sequence[Event]) -> tuple[OpenToolCall, ...]:
+    """The calls of ``events`` (one run's) announced and never completed, in order."""
+    calls: dict[str, OpenToolCall] = {}
+    for event in events:
+        call_id = event.data.get("call_id")
+        if not isinstance(call_id, str):
+            continue
+        if event.type == "tool_executing":
+            calls[call_id] = OpenToolCall(call_id, str(event.data.get("tool_name")), event.span_id)
+        elif event.type == "tool_completed":
+            calls.pop(call_id, None)
+    return tuple(calls.values())
+
+
+def prune_cutoff(
+    last_seq: int,
+    newest_old: int | None,
+    *,
+    max_events: int | None,
+    keep_from: int | None,
+) -> int:
+    """The first ``seq`` to keep of a stream that ends at ``last_seq``.
+
+    Dropped: everything up to ``newest_old`` (the newest event older than the
+    age limit; ``ts`` grows with ``seq``, so that is a prefix) and all but the
+    newest ``max_events``; never ``keep_from`` (the first event of an open run)
+    or anything after it.
+    """
+    cutoff = 0
+    if max_events is not None:
+        cutoff = max(cutoff, last_seq - max_events + 1)
+    if newest_old is not None:
+        cutoff = max(cutoff, newest_old + 1)
+    if keep_from is not None:
+        cutoff = min(cutoff, keep_from)
+    return cutoff
+
+
+# -- in memory ------------------------------------------------------------------------------
+
+
+class MemoryConversations:
+    """A ``ConversationStore`` view of a ``MemoryStore``."""
+
+    def __init__(self, max_messages: int) -> None:
+        self.max_messages = max_messages
+        self._threads: dict[tuple[str, str], list[ChatMessage]] = {}
+
+    async def load(self, user_id: str, thread_id: str) -> list[ChatMessage]:
+        await trio.lowlevel.checkpoint()
+        return trim_history(self._threads.get((user_id, thread_id), []), self.max_messages)
+
+    async def append(self, user_id: str, thread_id: str, messages: Sequence[ChatMessage]) -> None:
+        await trio.lowlevel.checkpoint()
+        history = self._threads.setdefault((user_id, thread_id), [])
+        history.extend(messages)
+        del history[: -self.max_messages]
+
+
+class MemoryStore:
+    """The ``RunStore`` contract in memory: nothing survives the process."""
+
+    def __init__(self, *, max_messages: int = 200) -> None:
+        self._sessions: dict[str, StoredSession] = {}
+        self._by_user: dict[str, str] = {}
+        self._events: dict[str, list[Event]] = {}
+        self._runs: dict[str, StoredRun] = {}
+        self._conversations = MemoryConversations(max_messages)
+        self._closed = trio.Event()
+
+    @property
+    def conversations(self) -> ConversationStore:
+        return self._conversations
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self._closed.wait()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._closed.set()
+
+    async def session_for(self, user_id: str) -> StoredSession | None:
+        await trio.lowlevel.checkpoint()
+        session_id = self._by_user.get(user_id)
+        return self._sessions[session_id] if session_id is not None else None
+
+    async def create_session(self, session_id: str, user_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        if user_id in self._by_user or session_id in self._sessions:
+            raise StoreError(f"user {user_id!r} already has a stored stream")
+        self._sessions[session_id] = StoredSession(session_id, user_id, 1, 0, time.time())
+        self._by_user[user_id] = session_id
+        self._events[session_id] = []
+
+    async def append(self, session_id: str, events: Sequence[Event]) -> None:
+        await trio.lowlevel.checkpoint()
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise StoreError(f"no stored session {session_id!r}")
+        for expected, event in enumerate(events, session.last_seq + 1):
+            if event.seq != expected:
+                raise StoreError(f"seq {event.seq} does not follow {expected - 1}")
+        self._events[session_id].extend(events)
+        if events:
+            self._sessions[session_id] = attrs.evolve(session, last_seq=events[-1].seq)
+        for event in events:
+            run = self._runs.get(event.run_id)
+            changes = run_changes(event)
+            if run is None:
+                run = StoredRun(
+                    event.run_id,
+                    session_id,
+                    session.user_id,
+                    event.thread_id,
+                    "running",
+                    trace_id=event.trace_id,
+                    first_seq=event.seq,
+                )
+            elif run.state in FINISHED_STATES:
+                changes.pop("state", None)
+            self._runs[event.run_id] = attrs.evolve(run, **changes)
+
+    async def events_after(self, session_id: str, after_seq: int, limit: int) -> list[Event]:
+        await trio.lowlevel.checkpoint()
+        return [e for e in self._events.get(session_id, []) if e.seq > after_seq][:limit]
+
+    async def get_run(self, run_id: str) -> StoredRun | None:
+        await trio.lowlevel.checkpoint()
+        return self._runs.get(run_id)
+
+    async def list_runs(
+        self, *, user_id: str | None = None, state: str | None = None, limit: int = 100
+    ) -> list[StoredRun]:
+        await trio.lowlevel.checkpoint()
+        runs = [
+            r
+            for r in self._runs.values()
+            if (user_id is None or r.user_id == user_id) and (state is None or r.state == state)
+        ]
+        runs.sort(key=lambda r: (r.first_seq or 0, r.run_id), reverse=True)
+        runs.sort(key=lambda r: r.started_at or r.ended_at or 0.0, reverse=True)
+        return runs[:limit]
+
+    async def run_events(self, run_id: str) -> list[Event]:
+        await trio.lowlevel.checkpoint()
+        run = self._runs.get(run_id)
+        if run is None:
+            return []
+        return [e for e in self._events.get(run.session_id, []) if e.run_id == run_id]
+
+    async def open_runs(self) -> list[OpenRun]:
+        await trio.lowlevel.checkpoint()
+        return [
+            OpenRun(run, open_tool_calls(await self.run_events(run.run_id)))
+            for run in self._runs.values()
+            if run.state not in FINISHED_STATES
+        ]
+
+    async def prune(
+        self, *, max_age: float | None, max_events: int | None, now: float | None = None
+    ) -> int:
+        await trio.lowlevel.checkpoint()
+        now = time.time() if now is None else now
+        dropped = 0
+        for session_id, session in list(self._sessions.items()):
+            events = self._events[session_id]
+            open_firsts = [
+                r.first_seq
+                for r in self._runs.values()
+                if r.session_id == session_id
+                and r.state not in FINISHED_STATES
+                and r.first_seq is not None
+            ]
+            horizon = -math.inf if max_age is None else now - max_age
+            cutoff = prune_cutoff(
+                session.last_seq,
+                max((e.seq for e in events if e.ts < horizon), default=None),
+                max_events=max_events,
+                keep_from=min(open_firsts, default=None),
+            )
+            if cutoff <= session.first_seq:
+                continue
+            kept = [e for e in events if e.seq >= cutoff]
+            dropped += len(events) - len(kept)
+            self._events[session_id] = kept
+            self._sessions[session_id] = attrs.evolve(session, first_seq=cutoff)
+            for run_id, run in list(self._runs.items()):
+                finished = run.state in FINISHED_STATES
+                if run.session_id == session_id and finished and (run.last_seq or 0) < cutoff:
+                    del self._runs[run_id]
+        return dropped
+
+
+# -- SQLite ---------------------------------------------------------------------------------
+
+#: Schema migrations: ``MIGRATIONS[n]`` takes a database from version n to n + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE sessions (
+        session_id TEXT PRIMARY KEY,
+        user_id    TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        first_seq  INTEGER NOT NULL DEFAULT 1,
+        last_seq   INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE events (
+        session_id TEXT NOT NULL,
+        seq        INTEGER NOT NULL,
+        run_id     TEXT NOT NULL,
+        type       TEXT NOT NULL,
+        ts         REAL NOT NULL,
+        frame      TEXT NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX events_by_run ON events (run_id, seq);
+    CREATE TABLE runs (
+        run_id     TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        user_id    TEXT NOT NULL,
+        thread_id  TEXT NOT NULL,
+        state      TEXT NOT NULL,
+        agent_name TEXT,
+        text       TEXT,
+        trace_id   TEXT,
+        span_id    TEXT,
+        started_at REAL,
+        ended_at   REAL,
+        first_seq  INTEGER,
+        last_seq   INTEGER,
+        error      TEXT,
+        usage      TEXT
+    );
+    CREATE INDEX runs_by_user ON runs (user_id, first_seq);
+    CREATE INDEX runs_by_state ON runs (state);
+    CREATE TABLE messages (
+        user_id   TEXT NOT NULL,
+        thread_id TEXT NOT NULL,
+        pos       INTEGER NOT NULL,
+        body      TEXT NOT NULL,
+        PRIMARY KEY (user_id, thread_id, pos)
+    ) WITHOUT ROWID;
+    """,
+)
+
+_RUN_COLUMNS = tuple(f.name for f in attrs.fields(StoredRun))
+_OPEN = "('queued', 'running')"
+
+
+def _run_from_row(row: sqlite3.Row) -> StoredRun:
+    values = dict(row)
+    for key in ("error", "usage"):
+        if values[key] is not None:
+            values[key] = orjson.loads(values[key])
+    return StoredRun(**values)
+
+
+@attrs.define
+class _Write:
+    """One request to the writer actor, answered by setting ``done``."""
+
+    apply: Callable[[sqlite3.Connection], None]
+    done: trio.Event = attrs.field(factory=trio.Event)
+    error: BaseException | None = None
+
+
+class SqliteConversations:
+    """A ``ConversationStore`` view of a ``SqliteStore`` (histories survive restarts)."""
+
+    def __init__(self, store: SqliteStore, max_messages: int) -> None:
+        self._store = store
+        self.max_messages = max_messages
+
+    async def load(self, user_id: str, thread_id: str) -> list[ChatMessage]:
+        rows = await self._store._read(
+            "SELECT body FROM messages WHERE user_id = ? AND thread_id = ? "
+            "ORDER BY pos DESC LIMIT ?",
+            (user_id, thread_id, self.max_messages),
+        )
+        messages = [message_from_dict(orjson.loads(row["body"])) for row in reversed(rows)]
+        return trim_history(messages, self.max_messages)
+
+    async def append(self, user_id: str, thread_id: str, messages: Sequence[ChatMessage]) -> None:
+        bodies = [orjson.dumps(message_to_dict(m)).decode() for m in messages]
+
+        def apply(db: sqlite3.Connection) -> None:
+            (last,) = db.execute(
+                "SELECT coalesce(max(pos), 0) FROM messages WHERE user_id = ? AND thread_id = ?",
+                (user_id, thread_id),
+            ).fetchone()
+            db.executemany(
+                "INSERT INTO messages (user_id, thread_id, pos, body) VALUES (?, ?, ?, ?)",
+                [(user_id, thread_id, last + i, body) for i, body in enumerate(bodies, 1)],
+            )
+            # Keep the newest max_messages (load trims a leading tool message further).
+            db.execute(
+                "DELETE FROM messages WHERE user_id = ? AND thread_id = ? AND pos <= ?",
+                (user_id, thread_id, last + len(bodies) - self.max_messages),
+            )
+
+        await self._store._write(apply)
+
+
+class SqliteStore:
+    """The ``RunStore`` in one SQLite file (WAL mode), written by one group-commit actor.
+
+    ``synchronous``: ``"NORMAL"`` (a committed event survives a process crash)
+    or ``"FULL"`` (it also survives a power loss or OS crash).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: Literal["NORMAL", "FULL"] | str = "NORMAL",
+        max_messages: int = 200,
+        max_batch: int = 1024,
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError("synchronous must be NORMAL or FULL")
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self.max_batch = max_batch
+        self._conversations = SqliteConversations(self, max_messages)
+        self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = trio.Lock()
+        self._stopped = trio.Event()
+        #: Commits made, and writes they carried (group commit: writes >= commits).
+        self.commits = 0
+        self.writes = 0
+
+    @property
+    def conversations(self) -> ConversationStore:
+        return self._conversations
+
+    # -- the writer actor ---------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        return db
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer = self._connect()
+        (version,) = writer.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            writer.close()
+            raise StoreError(
+                f"{self.path} has schema version {version}; this netra_actors knows "
+                f"up to {len(MIGRATIONS)}"
+            )
+        for target, script in enumerate(MIGRATIONS[version:], version + 1):
+            writer.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        writer.execute(statement)
+                writer.execute(f"PRAGMA user_version = {target}")
+                writer.execute("COMMIT")
+            except BaseException:
+                writer.execute("ROLLBACK")
+                writer.close()
+                raise
+        self._writer = writer
+        self._reader = self._connect()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the file and commit writes until ``aclose``; see the module docstring."""
+        await trio.to_thread.run_sync(self._open)
+        try:
+            task_status.started()
+            async with self._receive:
+                async for first in self._receive:
+                    batch = [first]
+                    while len(batch) < self.max_batch:
+                        try:
+                            batch.append(self._receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await trio.to_thread.run_sync(self._commit, batch)
+                    for write in batch:
+                        write.done.set()
+        finally:
+            for write in self._pending():
+                write.error = StoreError("the store was closed")
+                write.done.set()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._close_files)
+            self._stopped.set()
+
+    def _pending(self) -> list[_Write]:
+        pending = []
+        while True:
+            try:
+                pending.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return pending
+
+    def _commit(self, batch: list[_Write]) -> None:
+        """One transaction for the whole batch; a failing write rolls back only itself."""
+        db = self._writer
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for write in batch:
+                db.execute("SAVEPOINT one")
+                try:
+                    write.apply(db)
+                except (sqlite3.Error, StoreError) as exc:
+                    db.execute("ROLLBACK TO one")
+                    write.error = (
+                        exc if isinstance(exc, StoreError) else StoreError(f"store write: {exc}")
+                    )
+                db.execute("RELEASE one")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        self.writes += len(batch)
+
+    def _close_files(self) -> None:
+        for db in (self._writer, self._reader):
+            if db is not None:
+                db.close()
+        self._writer = self._reader = None
+
+    async def aclose(self) -> None:
+        self._send.close()
+        if self._writer is not None or self._reader is not None:
+            await self._stopped.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def _write(self, apply: Callable[[sqlite3.Connection], None]) -> None:
+        write = _Write(apply)
+        try:
+            self._send.send_nowait(write)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise StoreError("the store is closed") from None
+        await write.done.wait()
+        if write.error is not None:
+            raise write.error
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        async with self._read_lock:
+            db = self._reader
+            if db is None:
+                raise StoreError("the store is not open")
+            return await trio.to_thread.run_sync(lambda: db.execute(sql, params).fetchall())
+
+    # -- the RunStore methods -----------------------------------------------------------------
+
+    async def session_for(self, user_id: str) -> StoredSession | None:
+        rows = await self._read(
+            "SELECT session_id, user_id, first_seq, last_seq, created_at FROM sessions "
+            "WHERE user_id = ?",
+            (user_id,),
+        )
+        return StoredSession(**dict(rows[0])) if rows else None
+
+    async def create_session(self, session_id: str, user_id: str) -> None:
+        def apply(db: sqlite3.Connection) -> None:
+            try:
+                db.execute(
+                    "INSERT INTO sessions (session_id, user_id, created_at) VALUES (?, ?, ?)",
+                    (session_id, user_id, time.time()),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreError(f"user {user_id!r} already has a stored stream") from None
+
+        await self._write(apply)
+
+    async def append(self, session_id: str, events: Sequence[Event]) -> None:
+        events = list(events)
+
+        def apply(db: sqlite3.Connection) -> None:
+            row = db.execute(
+                "SELECT user_id, last_seq FROM sessions WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no stored session {session_id!r}")
+            user_id, last_seq = row
+            for expected, event in enumerate(events, last_seq + 1):
+                if event.seq != expected:
+                    raise StoreError(f"seq {event.seq} does not follow {expected - 1}")
+            if not events:
+                return
+            db.executemany(
+                "INSERT INTO events (session_id, seq, run_id, type, ts, frame) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(session_id, e.seq, e.run_id, e.type, e.ts, e.frame) for e in events],
+            )
+            db.execute(
+                "UPDATE sessions SET last_seq = ? WHERE session_id = ?",
+                (events[-1].seq, session_id),
+            )
+            for event in events:
+                self._project(db, session_id, user_id, event)
+
+        await self._write(apply)
+
+    @staticmethod
+    def _project(db: sqlite3.Connection, session_id: str, user_id: str, event: Event) -> None:
+        changes = run_changes(event)
+        for key in ("error", "usage"):
+            if key in changes:
+                changes[key] = orjson.dumps(changes[key]).decode()
+        fresh = {
+            "run_id": event.run_id,
+            "session_id": session_id,
+            "user_id": user_id,
+            "thread_id": event.thread_id,
+            "state": "running",
+            "trace_id": event.trace_id,
+            "first_seq": event.seq,
+        } | changes
+        columns = ", ".join(fresh)
+        marks = ", ".join("?" for _ in fresh)
+        # A finished run keeps its state (the store never moves it again).
+        updates = ", ".join(
+            f"{key} = CASE WHEN runs.state IN {_OPEN} THEN excluded.{key} ELSE runs.{key} END"
+            if key in ("state", "ended_at", "error", "usage")
+            else f"{key} = excluded.{key}"
+            for key in changes
+        )
+        db.execute(
+            f"INSERT INTO runs ({columns}) VALUES ({marks}) "
+            f"ON CONFLICT (run_id) DO UPDATE SET {updates}",
+            tuple(fresh.values()),
+        )
+
+    async def events_after(self, session_id: str, after_seq: int, limit: int) -> list[Event]:
+        rows = await self._read(
+            "SELECT frame FROM events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (session_id, after_seq, limit),
+        )
+        return [event_from_frame(row["frame"]) for row in rows]
+
+    async def get_run(self, run_id: str) -> StoredRun | None:
+        rows = await self._read(
+            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)
+        )
+        return _run_from_row(rows[0]) if rows else None
+
+    async def list_runs(
+        self, *, user_id: str | None = None, state: str | None = None, limit: int = 100
+    ) -> list[StoredRun]:
+        where, params = [], []
+        if user_id is not None:
+            where.append("user_id = ?")
+            params.append(user_id)
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._read(
+            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs {clause} "
+            "ORDER BY coalesce(started_at, ended_at) DESC, first_seq DESC, run_id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [_run_from_row(row) for row in rows]
+
+    async def run_events(self, run_id: str) -> list[Event]:
+        rows = await self._read(
+            "SELECT e.frame FROM events e JOIN runs r ON r.session_id = e.session_id "
+            "WHERE r.run_id = ? AND e.run_id = ? ORDER BY e.seq",
+            (run_id, run_id),
+        )
+        return [event_from_frame(row["frame"]) for row in rows]
+
+    async def open_runs(self) -> list[OpenRun]:
+        rows = await self._read(
+            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE state IN {_OPEN} ORDER BY first_seq"
+        )
+        return [
+            OpenRun(run, open_tool_calls(await self.run_events(run.run_id)))
+            for run in map(_run_from_row, rows)
+        ]
+
+    async def prune(
+        self, *, max_age: float | None, max_events: int | None, now: float | None = None
+    ) -> int:
+        now = time.time() if now is None else now
+        dropped = 0
+        sessions = await self._read("SELECT session_id, first_seq, last_seq FROM sessions")
+        for session in sessions:
+            session_id = session["session_id"]
+            newest_old = None
+            if max_age is not None:
+                rows = await self._read(
+                    "SELECT max(seq) AS seq FROM events WHERE session_id = ? AND ts < ?",
+                    (session_id, now - max_age),
+                )
+                newest_old = rows[0]["seq"]
+            opened = await self._read(
+                f"SELECT min(first_seq) AS seq FROM runs WHERE session_id = ? AND state IN {_OPEN}",
+                (session_id,),
+            )
+            cutoff = prune_cutoff(
+                session["last_seq"],
+                newest_old,
+                max_events=max_events,
+                keep_from=opened[0]["seq"],
+            )
+            if cutoff <= session["first_seq"]:
+                continue
+            counted: list[int] = []
+
+            def apply(
+                db: sqlite3.Connection,
+                session_id: str = session_id,
+                cutoff: int = cutoff,
+                counted: list[int] = counted,
+            ) -> None:
+                cursor = db.execute(
+                    "DELETE FROM events WHERE session_id = ? AND seq < ?", (session_id, cutoff)
+                )
+                counted.append(cursor.rowcount)
+                db.execute(
+                    "UPDATE sessions SET first_seq = max(first_seq, ?) WHERE session_id = ?",
+                    (cutoff, session_id),
+                )
+                db.execute(
+                    f"DELETE FROM runs WHERE session_id = ? AND last_seq < ? "
+                    f"AND state NOT IN {_OPEN}",
+                    (session_id, cutoff),
+                )
+
+            await self._write(apply)
+            dropped += sum(counted)
+        return dropped
+
+
+def open_store(data_dir: Path, *, synchronous: str = "NORMAL") -> SqliteStore:
+    """The default store of a data folder."""
+    return SqliteStore(Path(data_dir) / DB_FILENAME, synchronous=synchronous)
