@@ -50,12 +50,15 @@ from ._messages import ErrorInfo as ErrorInfo
 from ._messages import Event as Event
 from ._messages import ToolCall as ToolCall
 from ._messages import ToolResult as ToolResult
+from ._metrics import RuntimeMetrics as RuntimeMetrics
 from ._openai import CircuitBreaker as CircuitBreaker
 from ._openai import OpenAIChatProvider as OpenAIChatProvider
 from ._openai import RetryPolicy as RetryPolicy
 from ._runtime import RunHandle as RunHandle
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStatistics as RuntimeStatistics
+from ._telemetry import JsonLogFormatter as JsonLogFormatter
+from ._telemetry import Telemetry as Telemetry
 from ._tools import EnhancedToolExecutionEngine as EnhancedToolExecutionEngine
 from ._tools import Tool as Tool
 from ._tools import ToolRegistry as ToolRegistry
@@ -87,6 +90,7 @@ __all__ = [
     "GatewayInfo",
     "HttpRequest",
     "HttpResponse",
+    "JsonLogFormatter",
     "LLMError",
     "LLMManager",
     "LLMProvider",
@@ -102,10 +106,12 @@ __all__ = [
     "RunRefused",
     "Runtime",
     "RuntimeClosed",
+    "RuntimeMetrics",
     "RuntimeStatistics",
     "ScriptedLLMProvider",
     "ScriptedTurn",
     "StepLimitExceeded",
+    "Telemetry",
     "TextDelta",
     "Tool",
     "ToolCall",

@@ -71,6 +71,8 @@ class AgentWebSocketBridge:
         self._unexecuted: set[str] = set()  # made unique by unique_calls, not yet run
         #: Token usage of this run's LLM calls (see ``record_usage``).
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        #: When the run last showed progress: an event sent, a tool result back (trio time).
+        self.last_progress = trio.current_time()
 
     # -- what the run is -----------------------------------------------------------------
 
@@ -98,6 +100,7 @@ class AgentWebSocketBridge:
     # -- events ----------------------------------------------------------------------------
 
     async def _send(self, event_type: str, data: Mapping[str, Any]) -> None:
+        self.last_progress = trio.current_time()
         await self._emit.send(
             EmitEvent(
                 event_type, self.request.run_id, self.request.thread_id, self.request.trace, data
@@ -217,7 +220,9 @@ class AgentWebSocketBridge:
         self, call: ToolCall, reply: trio.MemoryReceiveChannel[ToolResult]
     ) -> ToolResult:
         try:
-            return await reply.receive()
+            result = await reply.receive()
+            self.last_progress = trio.current_time()
+            return result
         except trio.Cancelled:
             await self._cancel_and_wait(call, reply)
             raise

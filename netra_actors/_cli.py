@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ import trio
 from ._auth import issue_token, load_secret
 from ._config import Config
 from ._exceptions import NetraError
+from ._telemetry import Telemetry, configure_logging, install_otel_from_env
 
 SERVE_FLAGS = (
     "host",
@@ -112,8 +112,9 @@ async def _serve(config: Config) -> None:
     from ._gateway import Gateway, serve
     from ._runtime import Runtime
 
+    telemetry = Telemetry.from_config(config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with Runtime(config) as runtime:
+        async with Runtime(config, telemetry=telemetry) as runtime:
             gateway = Gateway(runtime, config)
             async with trio.open_nursery() as nursery:
                 info = await nursery.start(partial(serve, runtime, config, gateway=gateway))
@@ -140,10 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(issue_token(args.user, load_secret(config), ttl=ttl))
             return 0
         config = Config.from_args(args)
-        logging.basicConfig(
-            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        trio.run(_serve, config)
+        configure_logging(config.log_level, config.log_format)
+        provider = install_otel_from_env() if config.otel else None
+        try:
+            trio.run(_serve, config)
+        finally:
+            if provider is not None:
+                provider.shutdown()  # flushes the spans not exported yet
         return 0
     except (NetraError, ValueError) as exc:
         print(f"netra-actors: {exc}", file=sys.stderr)

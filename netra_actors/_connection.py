@@ -88,12 +88,13 @@ class Connection:
         """Point ``sub`` just after ``after_seq``, or send ``resume_gap`` if that is not exact.
 
         Not exact: another stream's ``session_id``, ``after_seq`` beyond the last
-        event, or events after it that are no longer kept. The stream then
+        event, or events after it that are no longer kept (in the window, or in the
+        store when the session has one). The stream then
         continues from the oldest event kept; nothing is skipped silently.
         """
         session = self.session
-        window = session.sequencer.window
-        oldest, last = window.oldest_seq, window.last_seq
+        sequencer = session.sequencer
+        oldest, last = sequencer.oldest_seq, sequencer.window.last_seq
         exact = (session_id is None or session_id == session.session_id) and (
             oldest - 1 <= after_seq <= last
         )
@@ -183,6 +184,8 @@ class Connection:
                     return self._close_after_replies, False
                 for event in events:
                     await self._send(event.frame)
+                if events:
+                    self.session._services.telemetry.events_delivered(len(events))
         except TransportClosed as exc:
             return exc.code or 1000, False
         except SubscriptionLagged:

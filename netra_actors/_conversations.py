@@ -21,6 +21,7 @@ from ._messages import ToolCall
 def trim_history(messages: Sequence[ChatMessage], max_messages: int) -> list[ChatMessage]:
     """The newest ``max_messages`` of ``messages``, never starting with a ``tool`` message
     whose call is gone (chat-completions APIs refuse such a history)."""
+    messages = list(messages)
     start = max(0, len(messages) - max_messages)
     while start < len(messages) and messages[start].role == "tool":
         start += 1

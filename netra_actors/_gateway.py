@@ -10,10 +10,14 @@ the bytes already read.
 Every refusal happens at the handshake, before a session exists: 401 bad
 token, 403 ``Origin`` not allowed, 429 too many connections for this user,
 503 server-wide connection cap, 404 unknown path.
+
+``GET /metrics`` serves the runtime's Prometheus metrics (behind a bearer
+token when ``config.metrics_token`` is set).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import ssl
 import time
@@ -31,6 +35,7 @@ from wsproto.utilities import LocalProtocolError
 from ._auth import load_secret, verify_token
 from ._config import Config
 from ._exceptions import AuthError, RuntimeClosed
+from ._metrics import CONTENT_TYPE_LATEST, metrics_for
 from ._protocol import SUBPROTOCOL
 from ._runtime import Runtime
 from ._transport import TrioWebSocketTransport
@@ -247,7 +252,11 @@ class Gateway:
         self.runtime = runtime
         self.config = config or runtime.config
         self._secret = load_secret(self.config)
-        self.routes: dict[tuple[str, str], HttpRoute] = {("GET", "/healthz"): self._healthz}
+        self.metrics = metrics_for(runtime)
+        self.routes: dict[tuple[str, str], HttpRoute] = {
+            ("GET", "/healthz"): self._healthz,
+            ("GET", "/metrics"): self._metrics,
+        }
         self._started = time.monotonic()
         self.accepting = True
         # Connections admitted by this gateway (counted from the handshake checks on,
@@ -275,6 +284,21 @@ class Gateway:
                 "uptime_s": round(time.monotonic() - self._started, 3),
             },
         )
+
+    async def _metrics(self, request: HttpRequest) -> HttpResponse:
+        """The Prometheus text format; 401 without the configured bearer token."""
+        await trio.lowlevel.checkpoint()
+        expected = self.config.metrics_token
+        if expected is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), expected.encode()
+            ):
+                body = orjson.dumps(
+                    {"error": "unauthorized", "message": "GET /metrics needs the bearer token"}
+                )
+                return HttpResponse(401, body, headers=(("www-authenticate", "Bearer"),))
+        return HttpResponse(200, self.metrics.render(), CONTENT_TYPE_LATEST)
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one accepted TCP (or TLS) stream; closes it when done.
@@ -307,14 +331,14 @@ class Gateway:
             if timer.cancelled_caught:
                 return
         except _BadRequest as exc:
-            await _send_http(
+            await self._send_http(
                 stream, HttpResponse.json(400, {"error": "bad_request", "message": str(exc)})
             )
             return
         if request.headers.get("upgrade", "").lower() == "websocket":
             problem = upgrade_problem(request)
             if problem is not None:
-                await _send_http(stream, problem)
+                await self._send_http(stream, problem)
             else:
                 await self._websocket(_ReplayStream(raw, stream), request)
             return
@@ -325,11 +349,18 @@ class Gateway:
             )
         else:
             response = await route(request)
+        await self._send_http(stream, response)
+
+    async def _send_http(self, stream: trio.abc.Stream, response: HttpResponse) -> None:
+        # Client errors only: a 503 from /healthz while shutting down is an answer.
+        if 400 <= response.status < 500:
+            self.metrics.refused(response.status, _error_code(response))
         await _send_http(stream, response)
 
     async def _refuse(
         self, request: trio_websocket.WebSocketRequest, status: int, error: str, message: str
     ) -> None:
+        self.metrics.refused(status, error)
         body = orjson.dumps({"error": error, "message": message})
         await request.reject(
             status, extra_headers=[(b"content-type", b"application/json")], body=body
@@ -419,6 +450,15 @@ class Gateway:
             )
         except RuntimeClosed:
             await ws.aclose(1001, "server shutting down")
+
+
+def _error_code(response: HttpResponse) -> str:
+    """The ``error`` of a JSON refusal body (a metric label: only short ASCII codes)."""
+    try:
+        error = orjson.loads(response.body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return "unknown"
+    return error if isinstance(error, str) and error.isascii() and len(error) <= 32 else "unknown"
 
 
 def _int_param(values: list[str] | None) -> int | None:

@@ -181,19 +181,33 @@ class LLMManager:
     async def stream(
         self, request: ChatRequest, *, provider: str | None = None
     ) -> AsyncGenerator[LLMChunk, None]:
-        """Stream one assistant turn from a provider; see ``LLMProvider.stream_chat``."""
+        """Stream one assistant turn from a provider; see ``LLMProvider.stream_chat``.
+
+        The call is one ``llm`` span of ``request.trace`` (a new trace without
+        one), which ends when the turn does: after its last chunk, on a
+        failure, or when the consumer stops early or is cancelled (status
+        ``cancelled``). A ``Usage`` chunk's tokens become span attributes.
+        """
         source = self.provider(provider)
-        chunks = source.stream_chat(request)
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except LLMError:
-            raise
-        except Exception as exc:
-            raise LLMError(f"provider {source.name!r} failed: {exc}") from exc
-        finally:
-            # Close the provider's generator now (and its HTTP stream), not at GC.
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                with trio.CancelScope(shield=True):
-                    await aclose()
+        model = request.model or getattr(source, "model", None) or ""
+        trace = request.trace or UnifiedTraceContext.new_root()
+        with self.telemetry.span("llm", source.name, trace, {"model": model}) as span:
+            chunks = source.stream_chat(request)
+            try:
+                async for chunk in chunks:
+                    if isinstance(chunk, Usage):
+                        span["prompt_tokens"] = chunk.prompt_tokens
+                        span["completion_tokens"] = chunk.completion_tokens
+                    yield chunk
+            except LLMError as exc:
+                span["error"] = str(exc)
+                raise
+            except Exception as exc:
+                span["error"] = f"{type(exc).__name__}: {exc}"
+                raise LLMError(f"provider {source.name!r} failed: {exc}") from exc
+            finally:
+                # Close the provider's generator now (and its HTTP stream), not at GC.
+                aclose = getattr(chunks, "aclose", None)
+                if aclose is not None:
+                    with trio.CancelScope(shield=True):
+                        await aclose()

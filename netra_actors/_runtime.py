@@ -9,8 +9,11 @@ its terminal event. The WebSocket server is a layer on top
 from __future__ import annotations
 
 import itertools
+import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -24,14 +27,18 @@ from ._conversations import ConversationStore, MemoryConversationStore
 from ._exceptions import NetraError, RunRefused, RuntimeClosed
 from ._llm import LLMManager, LLMProvider
 from ._manager import UnifiedWebSocketManager
-from ._messages import TERMINAL_EVENTS, CancelOutcome, Event, ThreadPolicy
+from ._messages import TERMINAL_EVENTS, CancelOutcome, EmitEvent, Event, ThreadPolicy
 from ._openai import OpenAIChatProvider, RetryPolicy
-from ._sequencer import EventStore, Subscription
+from ._sequencer import EventStore, Subscription, stamp
 from ._session import Session, SessionServices, SessionStatistics
+from ._store import OpenRun, RunStore, open_store
 from ._telemetry import Telemetry
 from ._tools import ToolRegistry, UnifiedToolExecutionEngine
 from ._trace import UnifiedTraceContext
+from ._tracker import ExecutionTracker, RunSnapshot, RunState
 from ._transport import Transport
+
+logger = logging.getLogger("netra_actors.runtime")
 
 
 @attrs.frozen
@@ -123,11 +130,20 @@ class Runtime:
         agents: Mapping[str, Agent] | None = None,
         tools: ToolRegistry | None = None,
         llm: LLMManager | LLMProvider | None = None,
-        store: EventStore | None = None,
+        store: RunStore | EventStore | None = None,
         conversations: ConversationStore | None = None,
         telemetry: Telemetry | None = None,
+        run_timeouts: Mapping[str, float | None] | None = None,
     ) -> None:
         self.config = config or Config()
+        if store is None and self.config.store == "sqlite":
+            store = open_store(self.config.data_dir, synchronous=self.config.sqlite_synchronous)
+        #: The store, when it is a full ``RunStore`` (runs, resume across restarts).
+        self.store = store if isinstance(store, RunStore) else None
+        if conversations is None and self.store is not None:
+            conversations = self.store.conversations
+        #: Every live run and the recent finished ones (``run_state``, ``runs``).
+        self.tracker = ExecutionTracker()
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         if llm is None and self.config.llm == "openai":
             llm = openai_provider(self.config)
@@ -155,8 +171,13 @@ class Runtime:
             store=store,
             conversations=conversations if conversations is not None else MemoryConversationStore(),
             telemetry=self.telemetry,
+            tracker=self.tracker,
+            run_timeouts=dict(run_timeouts or {}),
         )
         self.manager = UnifiedWebSocketManager()
+        # Users whose session is being set up (reading the store), to set up one only.
+        self._starting: dict[str, trio.Event] = {}
+        self._background = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: Any = None
         self._closing = False
@@ -167,6 +188,15 @@ class Runtime:
     async def __aenter__(self) -> Runtime:
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
+        if self.store is not None:
+            try:
+                await self._nursery.start(self.store.run)
+                await self.recover()
+                self._nursery.start_soon(self._retention)
+            except BaseException as exc:
+                self._nursery.cancel_scope.cancel()
+                await self._nursery_cm.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
         return self
 
     async def __aexit__(
@@ -199,20 +229,148 @@ class Runtime:
         async with trio.open_nursery() as nursery:
             for session in self.manager.sessions():
                 nursery.start_soon(session.aclose)
+        self._background.cancel()
+        if self.store is not None:
+            await self.store.aclose()
+
+    # -- persistence --------------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Close the runs the previous process left open; returns how many.
+
+        Each open tool call gets ``tool_completed`` (status ``cancelled``), then
+        the run gets ``agent_error`` of type ``interrupted``, appended to its
+        session's stored stream after its last ``seq``: a client resuming later
+        receives them like any other event. Runs at start, before any session.
+        """
+        assert self.store is not None
+        open_runs = await self.store.open_runs()
+        for open_run in open_runs:
+            await self._interrupt(open_run)
+        if open_runs:
+            logger.warning("closed %d run(s) interrupted by the last shutdown", len(open_runs))
+        return len(open_runs)
+
+    async def _interrupt(self, open_run: OpenRun) -> None:
+        assert self.store is not None
+        run = open_run.run
+        stored = await self.store.session_for(run.user_id)
+        if stored is None or stored.session_id != run.session_id:
+            return  # the stream is gone (pruned with its session): nothing to close
+        trace = UnifiedTraceContext(run.trace_id or "0" * 32, run.span_id or "0" * 16)
+        messages = [
+            EmitEvent(
+                "tool_completed",
+                run.run_id,
+                run.thread_id,
+                attrs.evolve(trace, span_id=call.span_id),
+                {
+                    "call_id": call.call_id,
+                    "tool_name": call.tool_name,
+                    "status": "cancelled",
+                    "duration_ms": 0,
+                    "error": {
+                        "type": "cancelled",
+                        "message": "the server stopped while the tool was running",
+                    },
+                },
+            )
+            for call in open_run.open_calls
+        ]
+        messages.append(
+            EmitEvent(
+                "agent_error",
+                run.run_id,
+                run.thread_id,
+                trace,
+                {
+                    "error": {
+                        "type": "interrupted",
+                        "message": "the server stopped while the run was active",
+                    }
+                },
+            )
+        )
+        ts = time.time()
+        events = [stamp(m, seq, ts) for seq, m in enumerate(messages, stored.last_seq + 1)]
+        await self.store.append(run.session_id, events)
+
+    async def prune(self) -> int:
+        """One retention pass over the store (see ``retention_*`` in ``Config``)."""
+        if self.store is None:
+            return 0
+        dropped = await self.store.prune(
+            max_age=self.config.retention_max_age, max_events=self.config.retention_max_events
+        )
+        for session in self.manager.sessions():
+            stored = await self.store.session_for(session.user_id)
+            if stored is not None and stored.session_id == session.session_id:
+                session.sequencer.stored_from = stored.first_seq
+        return dropped
+
+    async def _retention(self) -> None:
+        with self._background:
+            while True:
+                try:
+                    dropped = await self.prune()
+                except Exception:
+                    logger.exception("pruning the store failed")
+                else:
+                    if dropped:
+                        logger.info("pruned %d stored event(s)", dropped)
+                await trio.sleep(self.config.retention_interval)
 
     # -- sessions -----------------------------------------------------------------------------
 
     async def session(self, user_id: str) -> Session:
         """The user's session, started if there is none. Raises ``RuntimeClosed``."""
-        if self._closing or self._nursery is None:
-            raise RuntimeClosed("the runtime is not running")
-        session = self.manager.session_for(user_id)
-        if session is None or session.closing:
-            session = Session(user_id, self._services, on_closed=self.manager.remove_session)
-            self.manager.add_session(session)
-            await self._nursery.start(session.run)
-        else:
-            await session.wait_ready()
+        while True:
+            if self._closing or self._nursery is None:
+                raise RuntimeClosed("the runtime is not running")
+            starting = self._starting.get(user_id)
+            if starting is not None:
+                await starting.wait()
+                continue
+            session = self.manager.session_for(user_id)
+            if session is not None and not session.closing:
+                await session.wait_ready()
+                return session
+            if session is not None and self.store is not None:
+                # The stream goes on in a new session once the old one has stored
+                # its last event.
+                await session.aclose()
+                continue
+            self._starting[user_id] = trio.Event()
+            try:
+                session = await self._new_session(user_id)
+            finally:
+                self._starting.pop(user_id).set()
+            return session
+
+    async def _new_session(self, user_id: str) -> Session:
+        assert self._nursery is not None
+        session_id: str | None = None
+        last_seq = 0
+        stored_from: int | None = None
+        if self.store is not None:
+            stored = await self.store.session_for(user_id)
+            if stored is None:
+                session_id = "sess_" + uuid.uuid4().hex
+                await self.store.create_session(session_id, user_id)
+                stored_from = 1
+            else:
+                session_id, last_seq = stored.session_id, stored.last_seq
+                stored_from = stored.first_seq
+        session = Session(
+            user_id,
+            self._services,
+            session_id=session_id,
+            last_seq=last_seq,
+            stored_from=stored_from,
+            on_closed=self.manager.remove_session,
+        )
+        self.manager.add_session(session)
+        await self._nursery.start(session.run)
         return session
 
     async def start_run(
@@ -312,6 +470,26 @@ class Runtime:
             queued_runs=sum(s.queued_runs for s in sessions),
             tasks=len(self._nursery.child_tasks) if self._nursery is not None else 0,
         )
+
+    # -- execution tracking -------------------------------------------------------------------
+
+    def run_state(self, run_id: str) -> RunSnapshot | None:
+        """A run's state, phase and transition times (live runs and recent finished ones)."""
+        return self.tracker.run(run_id)
+
+    def runs(
+        self,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        states: Iterable[RunState] | None = None,
+    ) -> list[RunSnapshot]:
+        """The tracked runs that match (``session_id``: the runs of one session)."""
+        return self.tracker.runs(user_id=user_id, session_id=session_id, states=states)
+
+    def run_counts(self) -> dict[RunState, int]:
+        """How many tracked runs are in each state."""
+        return self.tracker.counts()
 
     def session_statistics(self, user_id: str) -> SessionStatistics | None:
         session = self.manager.session_for(user_id)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import orjson
@@ -91,6 +91,33 @@ def _encode_event(frame: dict[str, Any]) -> str:
         return json.dumps(frame, default=str, ensure_ascii=False)
 
 
+def stamp(msg: EmitEvent, seq: int, ts: float) -> Event:
+    """The event ``msg`` becomes as number ``seq`` of its stream, encoded once."""
+    frame = _encode_event(
+        {
+            "type": msg.type,
+            "seq": seq,
+            "run_id": msg.run_id,
+            "thread_id": msg.thread_id,
+            "ts": ts,
+            "trace_id": msg.trace.trace_id,
+            "span_id": msg.trace.span_id,
+            "data": msg.data,
+        }
+    )
+    return Event(
+        seq=seq,
+        type=msg.type,
+        run_id=msg.run_id,
+        thread_id=msg.thread_id,
+        ts=ts,
+        trace_id=msg.trace.trace_id,
+        span_id=msg.trace.span_id,
+        data=msg.data,
+        frame=frame,
+    )
+
+
 class EventStore(Protocol):
     """Where a session's stamped events are persisted before any reader sees them.
 
@@ -100,6 +127,13 @@ class EventStore(Protocol):
     """
 
     async def append(self, session_id: str, events: Sequence[Event]) -> None: ...
+
+
+@runtime_checkable
+class EventReader(Protocol):
+    """A store that can also give back what it holds (``RunStore`` is one)."""
+
+    async def events_after(self, session_id: str, after_seq: int, limit: int) -> list[Event]: ...
 
 
 class SubscriptionLagged(Exception):
@@ -121,7 +155,9 @@ class Subscription:
 
     Owned by a single task (a connection actor's writer, or a run handle). Direct
     frames (replies such as ``run_accepted``) are delivered before the events
-    that are pending at the same time.
+    that are pending at the same time. A cursor that falls behind the window
+    reads from the session's store when it has one that can be read
+    (``EventReader``), and is told it lagged otherwise.
     """
 
     #: Direct frames that may wait for the writer; past this the reader is not reading.
@@ -198,10 +234,7 @@ class Subscription:
             try:
                 events = self._sequencer.window.after(self.cursor, limit)
             except LookupError:
-                raise SubscriptionLagged(
-                    f"cursor {self.cursor} is older than the window "
-                    f"(oldest {self._sequencer.window.oldest_seq})"
-                ) from None
+                events = await self._sequencer.read_stored(self.cursor, limit)
             if events:
                 self.cursor = events[-1].seq
                 if self.paces:
@@ -232,16 +265,45 @@ class SessionSequencer:
         window_max_age: float | None = None,
         store: EventStore | None = None,
         last_seq: int = 0,
+        stored_from: int | None = None,
+        observers: Sequence[Callable[[Sequence[Event]], None]] = (),
     ) -> None:
         self.session_id = session_id
         self.window = ReplayWindow(window_events, window_max_age)
         self.window._last_seq = last_seq
         self._store = store
+        #: The oldest ``seq`` the store still holds (None: no readable store).
+        self.stored_from: int | None = stored_from if isinstance(store, EventReader) else None
+        #: Called with each batch once it is published (synchronously: keep them cheap).
+        self._observers = tuple(observers)
         self._subscriptions: set[Subscription] = set()
         self.ended = False
         self._inbox: trio.MemoryReceiveChannel[EmitEvent] | None = None
         self._room = trio.Event()
         self.paced_waits = 0
+
+    @property
+    def oldest_seq(self) -> int:
+        """The oldest ``seq`` a reader can still be given (window or store)."""
+        oldest = self.window.oldest_seq
+        return oldest if self.stored_from is None else min(oldest, self.stored_from)
+
+    async def read_stored(self, after_seq: int, limit: int) -> list[Event]:
+        """Events after ``after_seq`` from the store, for a reader behind the window.
+
+        Raises:
+            SubscriptionLagged: the store cannot serve them (none, or pruned).
+        """
+        store = self._store
+        if isinstance(store, EventReader) and self.stored_from is not None:
+            # Never past the window's start: the window is served from memory.
+            limit = min(limit, self.window.oldest_seq - 1 - after_seq)
+            events = await store.events_after(self.session_id, after_seq, limit)
+            if events and events[0].seq == after_seq + 1:
+                return events
+        raise SubscriptionLagged(
+            f"cursor {after_seq} is older than the window (oldest {self.window.oldest_seq})"
+        )
 
     def subscribe(self, after_seq: int | None = None, *, paces: bool = True) -> Subscription:
         """A new reader whose cursor starts after ``after_seq`` (default: the newest event).
@@ -283,31 +345,6 @@ class SessionSequencer:
             backlog=self._inbox.statistics().current_buffer_used if self._inbox else 0,
         )
 
-    def _stamp(self, msg: EmitEvent, seq: int, ts: float) -> Event:
-        frame = _encode_event(
-            {
-                "type": msg.type,
-                "seq": seq,
-                "run_id": msg.run_id,
-                "thread_id": msg.thread_id,
-                "ts": ts,
-                "trace_id": msg.trace.trace_id,
-                "span_id": msg.trace.span_id,
-                "data": msg.data,
-            }
-        )
-        return Event(
-            seq=seq,
-            type=msg.type,
-            run_id=msg.run_id,
-            thread_id=msg.thread_id,
-            ts=ts,
-            trace_id=msg.trace.trace_id,
-            span_id=msg.trace.span_id,
-            data=msg.data,
-            frame=frame,
-        )
-
     async def run(self, inbox: trio.MemoryReceiveChannel[EmitEvent]) -> None:
         """Stamp and publish events until ``inbox`` is closed by all its senders.
 
@@ -332,11 +369,13 @@ class SessionSequencer:
                 events = []
                 for msg in batch:
                     seq += 1
-                    events.append(self._stamp(msg, seq, ts))
+                    events.append(stamp(msg, seq, ts))
                 if self._store is not None:
                     await self._store.append(self.session_id, events)
                 for event in events:
                     self.window.append(event)
+                for observe in self._observers:
+                    observe(events)
                 for sub in self._subscriptions:
                     sub.notify()
         finally:

@@ -49,6 +49,7 @@ from ._sequencer import EventStore, SessionSequencer, Subscription
 from ._telemetry import Telemetry
 from ._tools import UnifiedToolExecutionEngine, run_tool_executor
 from ._trace import UnifiedTraceContext
+from ._tracker import ExecutionTracker
 
 logger = logging.getLogger("netra_actors.session")
 
@@ -69,6 +70,9 @@ class SessionServices:
     store: EventStore | None = None
     conversations: ConversationStore | None = None
     telemetry: Telemetry = attrs.field(factory=Telemetry)
+    tracker: ExecutionTracker = attrs.field(factory=ExecutionTracker)
+    #: Run deadlines by agent name, overriding ``config.run_timeout``.
+    run_timeouts: Mapping[str, float | None] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -159,6 +163,45 @@ class _RunControl:
         return True
 
 
+class _RunLimits:
+    """A run's deadline (``timeout`` seconds from its start) and stall limit (``stall``
+    seconds without an event or a tool result). Either ends the agent by cancelling it
+    (its tools get ``tool_completed`` cancelled as on any cancel) and sets ``exceeded``."""
+
+    def __init__(self, timeout: float | None, stall: float | None) -> None:
+        self.timeout = timeout
+        self.stall = stall
+        self.scope = trio.CancelScope()
+        self.exceeded: ErrorInfo | None = None
+
+    async def run(self, agent: Agent, bridge: AgentWebSocketBridge) -> str | None:
+        if self.timeout is not None:
+            self.scope.deadline = trio.current_time() + self.timeout
+        result: str | None = None
+        with self.scope:
+            async with trio.open_nursery() as nursery:
+                if self.stall is not None:
+                    nursery.start_soon(self._watch_stall, bridge, self.stall)
+                result = await agent(bridge)
+                nursery.cancel_scope.cancel()
+        if self.scope.cancel_called and self.exceeded is None:
+            self.exceeded = ErrorInfo(
+                "timeout", f"the run exceeded its {self.timeout:g} s deadline"
+            )
+        return result
+
+    async def _watch_stall(self, bridge: AgentWebSocketBridge, stall: float) -> None:
+        while True:
+            quiet_until = bridge.last_progress + stall
+            if trio.current_time() >= quiet_until:
+                self.exceeded = ErrorInfo(
+                    "timeout", f"the run made no progress for {stall:g} s (stalled)"
+                )
+                self.scope.cancel()
+                return
+            await trio.sleep_until(quiet_until)
+
+
 class Session:
     """One user's event stream and actors. Created and supervised by the runtime.
 
@@ -172,6 +215,8 @@ class Session:
         services: SessionServices,
         *,
         session_id: str | None = None,
+        last_seq: int = 0,
+        stored_from: int | None = None,
         on_closed: Callable[[Session], None] | None = None,
     ) -> None:
         config = services.config
@@ -184,6 +229,9 @@ class Session:
             window_events=config.window_events,
             window_max_age=config.window_max_age,
             store=services.store,
+            last_seq=last_seq,
+            stored_from=stored_from,
+            observers=[partial(services.tracker.observe, self.session_id, user_id)],
         )
         self.rate_limiter = RateLimiter(config.rate_limit, config.rate_burst)
         self._emit_send, self._emit_recv = trio.open_memory_channel[EmitEvent](EVENT_INBOX_CAPACITY)
@@ -469,6 +517,14 @@ class Session:
                         f"thread {thread!r} already has {len(waiting)} queued runs",
                     )
             pending.append(message)
+            self._services.tracker.admitted(
+                message.run_id,
+                session_id=self.session_id,
+                user_id=self.user_id,
+                thread_id=thread,
+                agent_name=message.agent_name,
+                trace_id=message.trace.trace_id,
+            )
             start_eligible(nursery)
             return RunAdmission(message.run_id, thread, True)
 
@@ -551,6 +607,10 @@ class Session:
                 await emit.send(event("agent_started", started))
                 final: str | None = None
                 error: ErrorInfo | None = None
+                limits = _RunLimits(
+                    services.run_timeouts.get(start.agent_name, services.config.run_timeout),
+                    services.config.stall_timeout,
+                )
                 with control.scope:
                     try:
                         agent = services.agents.get(start.agent_name)
@@ -565,7 +625,7 @@ class Session:
                             tool_reply_backstop=2 * services.config.tool_cancel_grace + 1,
                             conversations=services.conversations,
                         )
-                        final = await agent(bridge)
+                        final = await limits.run(agent, bridge)
                         if not isinstance(final, str):
                             final = "" if final is None else str(final)
                     except BaseException as exc:
@@ -574,6 +634,8 @@ class Session:
                             raise
                 # Decided in one synchronous step with the cancel check, see _RunControl.
                 control.decided = True
+                if not control.scope.cancel_called and limits.exceeded is not None:
+                    error = limits.exceeded
                 if control.scope.cancel_called:
                     # Even if the agent finished or swallowed the cancellation: a
                     # cancel that was accepted is never reported as success.

@@ -30,7 +30,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import attrs
 import orjson
@@ -102,6 +102,7 @@ class OpenRun:
     open_calls: tuple[OpenToolCall, ...]
 
 
+@runtime_checkable
 class RunStore(Protocol):
     """What the runtime needs from a store. Every method is a checkpoint.
 

@@ -258,9 +258,27 @@ class UnifiedToolExecutionEngine:
         state = call or ToolCallState(request)
         if not announced:
             await self.announce(state, emit)
+        attributes = {
+            "run_id": request.run_id,
+            "thread_id": request.thread_id,
+            "call_id": request.call.call_id,
+        }
+        with self.telemetry.span("tool", request.call.name, state.trace, attributes) as span:
+            status, results, error = await self._call(state, session_limiter)
+            span["status"] = status
+            if error is not None:
+                span["error"] = f"{error.type}: {error.message}"
+        return await state.settle(emit, status, results, error)
+
+    async def _call(
+        self, state: ToolCallState, session_limiter: trio.CapacityLimiter | None
+    ) -> tuple[ToolStatus, Any, ErrorInfo | None]:
+        """Run the call in ``state.scope``: ``(status, results, error)``; never raises for
+        the tool's failure (see ``execute``)."""
         status: ToolStatus = "ok"
         results: Any = None
         error: ErrorInfo | None = None
+        request = state.request
         tool = self.registry.get(request.call.name)
         timeout = (tool.timeout if tool else None) or self.default_timeout
         with state.scope:
@@ -290,7 +308,7 @@ class UnifiedToolExecutionEngine:
                 status, error = "error", ErrorInfo("tool_error", f"{type(exc).__name__}: {exc}")
         if state.scope.cancelled_caught:
             status, error = "cancelled", ErrorInfo("cancelled", "the run was cancelled")
-        return await state.settle(emit, status, results, error)
+        return status, results, error
 
 
 class _Unlimited:

@@ -17,8 +17,12 @@ def _python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
 
 
-async def test_readme_in_process_example_runs(capsys: Any) -> None:
-    """The README's in-process example prints a complete, well-ordered demo run."""
+async def test_readme_in_process_example_runs(
+    capsys: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The README's in-process example prints a complete, well-ordered demo run
+    (run in a fresh folder: by default the runtime keeps its store in ./.netra_actors)."""
+    monkeypatch.chdir(tmp_path)
     block = next(b for b in _python_blocks(ROOT / "README.md") if "Runtime()" in b)
     namespace: dict[str, Any] = {}
     exec(block.replace("trio.run(main)", ""), namespace)
@@ -31,6 +35,7 @@ async def test_readme_in_process_example_runs(capsys: Any) -> None:
     assert "tool_executing" in types
     assert "14" in lines[-1]
     assert [int(line.split()[0]) for line in lines] == list(range(1, len(lines) + 1))
+    assert (tmp_path / ".netra_actors" / "netra.sqlite3").exists()
 
 
 def test_readme_names_the_two_commands() -> None:
