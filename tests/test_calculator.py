@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from netra_actors._calc import (
+    MAX_EXACT_INT,
     MAX_EXPONENT,
     MAX_EXPRESSION_LENGTH,
     CalculationError,
@@ -275,8 +276,10 @@ def _expected(value: Any, text: str) -> Any:
     if isinstance(value, float):
         if not math.isfinite(value):
             return CalculationError
-        if value.is_integer():
+        if value.is_integer() and abs(value) <= MAX_EXACT_INT:
             return int(value)
+    elif abs(value) > MAX_EXACT_INT:
+        return float(value)  # beyond 64 bits (see test_integers_beyond_64_bits_become_floats)
     return value
 
 
