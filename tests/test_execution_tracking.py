@@ -7,6 +7,7 @@ microseconds of real time, and the test can say exactly when the run ended.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -95,7 +96,7 @@ def test_the_tracker_never_leaves_the_state_machine(kinds: list[str]) -> None:
     assert snapshot is not None
     states = [state for state, _ in snapshot.transitions]
     assert states[0] == "queued"
-    for before, after in zip(states, states[1:], strict=False):
+    for before, after in itertools.pairwise(states):
         assert after in TRANSITIONS[before]
     assert tracker.events_published == len(kinds)
 
@@ -135,8 +136,10 @@ async def test_a_run_is_tracked_through_its_states_and_phases(
             assert [s for s, _ in state.transitions] == ["queued", "running", "completed"]
             times = [t for _, t in state.transitions]
             assert times == sorted(times)
-            assert state.phase is None and state.finished
-            assert state.duration is not None and state.duration >= 0
+            assert state.phase is None
+            assert state.finished
+            assert state.duration is not None
+            assert state.duration >= 0
             assert state.session_id == handle.session.session_id
             assert [r.run_id for r in runtime.runs(session_id=handle.session.session_id)] == [
                 handle.run_id
@@ -155,7 +158,9 @@ async def test_a_queued_run_cancelled_goes_from_queued_to_cancelled(
             first = await runtime.start_run("alice", "sleep 5")
             second = await runtime.start_run("alice", "calc 1+1")
             state = runtime.run_state(second.run_id)
-            assert state is not None and state.state == "queued" and state.phase is None
+            assert state is not None
+            assert state.state == "queued"
+            assert state.phase is None
             assert runtime.runs(user_id="alice", states=["queued"])[0].run_id == second.run_id
             outcome = await second.cancel()
             assert outcome.state == "queued"
@@ -192,7 +197,8 @@ async def test_a_run_past_its_deadline_ends_agent_error_timeout(
     assert "5 s deadline" in events[-1].data["error"]["message"]
     assert 5.0 <= elapsed < 5.0 + config.tool_cancel_grace
     state = runtime.run_state(handle.run_id)
-    assert state is not None and state.state == "timed_out"
+    assert state is not None
+    assert state.state == "timed_out"
 
 
 async def test_a_per_agent_deadline_overrides_the_default(
@@ -244,7 +250,8 @@ async def test_a_run_without_progress_for_stall_timeout_ends_timeout(
         assert "stalled" in events[-1].data["error"]["message"]
         assert events[-1].ts >= events[-2].ts
         state = runtime.run_state(handle.run_id)
-        assert state is not None and state.state == "timed_out"
+        assert state is not None
+        assert state.state == "timed_out"
 
 
 async def test_a_cancel_racing_the_deadline_is_reported_as_cancelled(
