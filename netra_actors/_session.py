@@ -298,6 +298,10 @@ class Session:
     async def wait_ready(self) -> None:
         await self._ready.wait()
 
+    async def wait_closed(self) -> None:
+        """Wait until the session has ended (closed, idle teardown, or crashed)."""
+        await self._closed.wait()
+
     @property
     def idle(self) -> bool:
         """No connection, no active and no queued run."""
