@@ -598,6 +598,27 @@ class Session:
                     else:
                         await emit.send(message)
 
+        span_attributes = {
+            "run_id": start.run_id,
+            "thread_id": start.thread_id,
+            "user_id": start.user_id,
+            "session_id": self.session_id,
+            "agent": start.agent_name,
+        }
+        with services.telemetry.span("run", start.agent_name, start.trace, span_attributes) as span:
+            await self._run_body(start, control, emit, finished, event, emit_shielded, span)
+
+    async def _run_body(
+        self,
+        start: StartRun,
+        control: _RunControl,
+        emit: trio.MemorySendChannel[EmitEvent],
+        finished: trio.MemorySendChannel[AgentInbox],
+        event: Callable[[str, dict[str, Any]], EmitEvent],
+        emit_shielded: Callable[[EmitEvent | RunFinished], Any],
+        span: dict[str, Any],
+    ) -> None:
+        services = self._services
         async with emit, finished:
             terminal_sent = False
             try:
@@ -651,6 +672,13 @@ class Session:
                     if any(bridge.usage.values()):
                         completed["usage"] = dict(bridge.usage)
                     terminal = event("agent_completed", completed)
+                span["status"] = (
+                    "ok"
+                    if terminal.type == "agent_completed"
+                    else "cancelled"
+                    if terminal.type == "agent_cancelled"
+                    else str(terminal.data["error"]["type"])
+                )
                 # Not shielded: a paced stream may make this wait, and that is fine.
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await emit.send(terminal)
