@@ -23,7 +23,7 @@ import time
 import orjson
 import trio
 
-from netra_actors import Runtime
+from netra_actors import Config, Runtime
 from netra_actors.testing import check_lifecycle
 
 
@@ -33,7 +33,7 @@ def _cpu() -> float:
 
 
 async def runtime_path(events: int) -> tuple[int, float]:
-    async with Runtime() as runtime:
+    async with Runtime(Config(store="memory")) as runtime:
         start = _cpu()
         run = await runtime.start_run("bench", f"stream {events}")
         received = await run.collect()

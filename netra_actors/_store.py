@@ -601,9 +601,14 @@ class SqliteStore:
             for write in self._pending():
                 write.error = StoreError("the store was closed")
                 write.done.set()
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._close_files)
-            self._stopped.set()
+            try:
+                trio.lowlevel.current_task()
+            except RuntimeError:  # the coroutine is being closed outside trio (collected)
+                self._close_files()
+            else:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._close_files)
+                self._stopped.set()
 
     def _pending(self) -> list[_Write]:
         pending = []

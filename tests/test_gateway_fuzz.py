@@ -79,6 +79,7 @@ HOST = "127.0.0.1:8765"
 ALLOWED_ORIGIN = "https://good.example"
 CALC = "what is 2+3*4?"
 BASE_CONFIG: dict[str, Any] = {
+    "store": "memory",
     "secret": TEST_SECRET,
     "shutdown_grace": 2.0,
     "max_frame_bytes": FUZZ_LIMIT,

@@ -154,7 +154,7 @@ def paced_senders(draw: st.DrawFn) -> tuple[int, list[float]]:
 
 
 async def _below_the_rate(burst: int, gaps: list[float]) -> None:
-    config = Config(shutdown_grace=2.0, **RATE)  # type: ignore[arg-type]
+    config = Config(store="memory", shutdown_grace=2.0, **RATE)  # type: ignore[arg-type]
     with trio.fail_after(BOUND):
         async with trio.open_nursery() as nursery, Runtime(config) as runtime:
             client = await connect(nursery, runtime, "alice")
@@ -646,7 +646,7 @@ def outcome(replies: list[Frame], closed_code: int | None) -> str:
 
 
 async def _fuzz(batch: list[Probe]) -> None:
-    config = Config(shutdown_grace=2.0, max_frame_bytes=FUZZ_LIMIT)
+    config = Config(store="memory", shutdown_grace=2.0, max_frame_bytes=FUZZ_LIMIT)
     connections: list[MemoryClient] = []
     with trio.fail_after(BOUND):
         async with trio.open_nursery() as nursery, Runtime(config) as runtime:

@@ -431,7 +431,7 @@ async def read_segment(
 
 async def _resume_property(workload: Workload) -> None:
     book = ScriptBook()
-    config = Config(shutdown_grace=2.0)
+    config = Config(store="memory", shutdown_grace=2.0)
     segments: list[Segment] = []
     with trio.fail_after(BOUND):
         async with trio.open_nursery() as nursery, combined_runtime(book, config) as runtime:

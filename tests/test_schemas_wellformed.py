@@ -569,7 +569,7 @@ async def test_protocol_md_healthz_fields_match_the_gateway() -> None:
     from netra_actors import Runtime
     from netra_actors._gateway import Gateway, HttpRequest
 
-    config = Config(secret="healthz-test-secret-0123456789abcdef")
+    config = Config(store="memory", secret="healthz-test-secret-0123456789abcdef")
     gateway = Gateway(Runtime(config), config)
     response = await gateway.routes[("GET", "/healthz")](HttpRequest("GET", "/healthz", {}))
     body = json.loads(response.body)

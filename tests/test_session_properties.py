@@ -74,6 +74,7 @@ def run_virtual(fn: Any, *args: Any) -> None:
 
 def thread_config(policy: str, max_active: int, max_queued: int, idle_grace: float) -> Config:
     return Config(
+        store="memory",
         shutdown_grace=2.0,
         thread_policy=policy,
         max_active_runs_per_user=max_active,
