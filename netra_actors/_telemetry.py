@@ -8,8 +8,9 @@ abandoned run still closes its spans. A span that ends records:
 - its duration in the Prometheus histograms of ``metrics`` (a ``RuntimeMetrics``);
 - an OpenTelemetry span, when export is on and the SDK is installed, in *our*
   trace (the OTel trace id is ours; our span id is the attribute ``netra.span_id``);
-- a log record on ``netra_actors.telemetry`` when it failed (status ``error`` or
-  ``timeout``), carrying ``trace_id``, ``span_id`` and the run's ids as extras.
+- a log record on ``netra_actors.telemetry`` when it failed (status ``error``,
+  ``timeout``, ``failed`` or ``timed_out``), carrying ``trace_id``, ``span_id``
+  and the run's ids as extras.
 
 ``Telemetry()`` with neither metrics nor export records nothing and costs one
 generator per span. ``JsonLogFormatter`` writes one JSON object per log line.
@@ -44,7 +45,8 @@ SpanKind = Literal["run", "llm", "tool"]
 #: spans put on their log records).
 LOG_FIELDS = ("trace_id", "span_id", "run_id", "session_id", "user_id")
 
-_FAILED = frozenset({"error", "timeout"})
+#: Statuses that mark a span as failed (the run vocabulary's too: failed, timed_out).
+_FAILED = frozenset({"error", "timeout", "failed", "timed_out"})
 _INSTRUMENTATION = "netra_actors"
 
 
@@ -159,7 +161,7 @@ def _log_failure(
     kind: str, name: str, trace: UnifiedTraceContext, status: str, attributes: Mapping[str, Any]
 ) -> None:
     extra: dict[str, Any] = {"trace_id": trace.trace_id, "span_id": trace.span_id}
-    for key in LOG_FIELDS[2:]:
+    for key in ("run_id", "session_id", "user_id"):
         if attributes.get(key) is not None:
             extra[key] = attributes[key]
     error = attributes.get("error")
@@ -203,9 +205,10 @@ class _OTelExport:
                 "(pip install 'netra-actors[otel]'); spans are not exported"
             )
             return None
+        from . import __version__
+
         provider = tracer_provider if tracer_provider is not None else api.get_tracer_provider()
-        version = importlib.metadata.version("netra-actors")
-        return cls(api, provider.get_tracer(_INSTRUMENTATION, version))
+        return cls(api, provider.get_tracer(_INSTRUMENTATION, __version__))
 
     def start(
         self,
@@ -320,8 +323,6 @@ def install_otel_from_env() -> Any:
 
 # --- logs ------------------------------------------------------------------------------------
 
-TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
 
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per record: ``ts``, ``level``, ``logger``, ``message``, then the
@@ -343,12 +344,3 @@ class JsonLogFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack_info"] = self.formatStack(record.stack_info)
         return orjson.dumps(entry, default=str).decode()
-
-
-def configure_logging(level: str, log_format: str) -> None:
-    """Log to stderr at ``level``: ``text`` lines, or ``json`` objects (one per line)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(
-        JsonLogFormatter() if log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT)
-    )
-    logging.basicConfig(level=level.upper(), handlers=[handler])

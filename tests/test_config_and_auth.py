@@ -86,6 +86,12 @@ def test_from_env_of_empty_environment_is_the_default() -> None:
         ("shutdown_grace", "0.25", 0.25),
         ("token_ttl", "60", 60.0),
         ("log_level", "debug", "debug"),
+        ("otel", "yes", True),
+        ("otel", "0", False),
+        ("run_timeout", "none", None),
+        ("run_timeout", "30", 30.0),
+        ("retention_max_events", "", None),
+        ("sqlite_synchronous", "full", "FULL"),
     ],
 )
 def test_environment_variables_parse_with_types(name: str, raw: str, expected: object) -> None:
@@ -94,6 +100,15 @@ def test_environment_variables_parse_with_types(name: str, raw: str, expected: o
     value = getattr(config, name)
     assert value == expected
     assert type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"), [("otel", "maybe"), ("run_timeout", "-1"), ("sqlite_synchronous", "off")]
+)
+def test_bad_values_of_the_new_fields_are_refused(name: str, raw: str) -> None:
+    """A bool that is not a yes/no word, a non-positive limit, an unknown sync mode."""
+    with pytest.raises(ConfigError):
+        Config.from_env({ENV_PREFIX + name.upper(): raw})
 
 
 def test_every_field_has_an_environment_variable() -> None:
@@ -106,8 +121,17 @@ def test_every_field_has_an_environment_variable() -> None:
         "str | None": "v",
         "Path | None": "cert.pem",
         "tuple[str, ...]": "https://a.example",
+        "float | None": "7.5",
+        "int | None": "7",
+        "bool": "true",
     }
-    by_name = {"thread_policy": "reject", "llm": "openai"}
+    by_name = {
+        "thread_policy": "reject",
+        "llm": "openai",
+        "store": "memory",
+        "sqlite_synchronous": "full",
+        "log_format": "json",
+    }
     for field in attrs.fields(Config):
         raw = by_name.get(field.name, samples[str(field.type)])
         config = Config.from_env({ENV_PREFIX + field.name.upper(): raw})
