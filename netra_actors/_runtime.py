@@ -241,7 +241,9 @@ class Runtime:
         Each open tool call gets ``tool_completed`` (status ``cancelled``), then
         the run gets ``agent_error`` of type ``interrupted``, appended to its
         session's stored stream after its last ``seq``: a client resuming later
-        receives them like any other event. Runs at start, before any session.
+        receives them like any other event. A run that was accepted but still
+        queued gets a lone ``agent_cancelled`` (reason ``shutdown``), as at a
+        graceful shutdown. Runs at start, before any session.
         """
         assert self.store is not None
         open_runs = await self.store.open_runs()
@@ -258,6 +260,15 @@ class Runtime:
         if stored is None or stored.session_id != run.session_id:
             return  # the stream is gone (pruned with its session): nothing to close
         trace = UnifiedTraceContext(run.trace_id or "0" * 32, run.span_id or "0" * 16)
+        if run.first_seq is None:
+            # Accepted and still queued: it never started, so it ends as queued runs do
+            # at a shutdown.
+            cancelled = EmitEvent(
+                "agent_cancelled", run.run_id, run.thread_id, trace, {"reason": "shutdown"}
+            )
+            events = [stamp(cancelled, stored.last_seq + 1, time.time())]
+            await self.store.append(run.session_id, events)
+            return
         messages = [
             EmitEvent(
                 "tool_completed",

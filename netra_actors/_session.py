@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -46,6 +47,7 @@ from ._messages import (
     ToolInbox,
 )
 from ._sequencer import EventStore, SessionSequencer, Subscription
+from ._store import RunStore, StoredRun, StoreError
 from ._telemetry import Telemetry
 from ._tools import UnifiedToolExecutionEngine, run_tool_executor
 from ._trace import UnifiedTraceContext
@@ -520,6 +522,27 @@ class Session:
                         "limit_exceeded",
                         f"thread {thread!r} already has {len(waiting)} queued runs",
                     )
+            store = self._services.store
+            if isinstance(store, RunStore):
+                # Before the answer: a run the client was told about is closed on restart
+                # even if the process dies before it starts.
+                try:
+                    await store.record_queued(
+                        StoredRun(
+                            message.run_id,
+                            self.session_id,
+                            self.user_id,
+                            thread,
+                            "queued",
+                            agent_name=message.agent_name,
+                            text=message.text,
+                            trace_id=message.trace.trace_id,
+                            span_id=message.trace.span_id,
+                            queued_at=time.time(),
+                        )
+                    )
+                except StoreError:
+                    logger.exception("recording queued run %s failed", message.run_id)
             pending.append(message)
             self._services.tracker.admitted(
                 message.run_id,

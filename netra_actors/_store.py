@@ -74,6 +74,7 @@ class StoredRun:
     text: str | None = None
     trace_id: str | None = None
     span_id: str | None = None
+    queued_at: float | None = None
     started_at: float | None = None
     ended_at: float | None = None
     first_seq: int | None = None
@@ -126,6 +127,11 @@ class RunStore(Protocol):
 
     async def create_session(self, session_id: str, user_id: str) -> None:
         """Record a new, empty stream for ``user_id``. Raises ``StoreError`` if it has one."""
+        ...
+
+    async def record_queued(self, run: StoredRun) -> None:
+        """Record an accepted run before it has any event (state ``queued``), so that a
+        run accepted just before a crash is closed on restart too. Idempotent."""
         ...
 
     async def append(self, session_id: str, events: Sequence[Event]) -> None:
@@ -305,6 +311,10 @@ class MemoryStore:
         self._by_user[user_id] = session_id
         self._events[session_id] = []
 
+    async def record_queued(self, run: StoredRun) -> None:
+        await trio.lowlevel.checkpoint()
+        self._runs.setdefault(run.run_id, run)
+
     async def append(self, session_id: str, events: Sequence[Event]) -> None:
         await trio.lowlevel.checkpoint()
         session = self._sessions.get(session_id)
@@ -330,7 +340,10 @@ class MemoryStore:
                     first_seq=event.seq,
                 )
             elif run.state in FINISHED_STATES:
-                changes.pop("state", None)
+                for key in ("state", "ended_at", "error", "usage"):
+                    changes.pop(key, None)
+            if run.first_seq is None:
+                changes["first_seq"] = event.seq
             self._runs[event.run_id] = attrs.evolve(run, **changes)
 
     async def events_after(self, session_id: str, after_seq: int, limit: int) -> list[Event]:
@@ -351,7 +364,7 @@ class MemoryStore:
             if (user_id is None or r.user_id == user_id) and (state is None or r.state == state)
         ]
         runs.sort(key=lambda r: (r.first_seq or 0, r.run_id), reverse=True)
-        runs.sort(key=lambda r: r.started_at or r.ended_at or 0.0, reverse=True)
+        runs.sort(key=lambda r: r.started_at or r.queued_at or r.ended_at or 0.0, reverse=True)
         return runs[:limit]
 
     async def run_events(self, run_id: str) -> list[Event]:
@@ -363,11 +376,11 @@ class MemoryStore:
 
     async def open_runs(self) -> list[OpenRun]:
         await trio.lowlevel.checkpoint()
-        return [
-            OpenRun(run, open_tool_calls(await self.run_events(run.run_id)))
-            for run in self._runs.values()
-            if run.state not in FINISHED_STATES
-        ]
+        runs = sorted(
+            (run for run in self._runs.values() if run.state not in FINISHED_STATES),
+            key=lambda r: (r.first_seq is None, r.first_seq or 0, r.queued_at or 0.0, r.run_id),
+        )
+        return [OpenRun(run, open_tool_calls(await self.run_events(run.run_id))) for run in runs]
 
     async def prune(
         self, *, max_age: float | None, max_events: int | None, now: float | None = None
@@ -436,6 +449,7 @@ MIGRATIONS: tuple[str, ...] = (
         text       TEXT,
         trace_id   TEXT,
         span_id    TEXT,
+        queued_at  REAL,
         started_at REAL,
         ended_at   REAL,
         first_seq  INTEGER,
@@ -742,16 +756,30 @@ class SqliteStore:
         marks = ", ".join("?" for _ in fresh)
         # A finished run keeps its state (the store never moves it again).
         updates = ", ".join(
-            f"{key} = CASE WHEN runs.state IN {_OPEN} THEN excluded.{key} ELSE runs.{key} END"
-            if key in ("state", "ended_at", "error", "usage")
-            else f"{key} = excluded.{key}"
-            for key in changes
+            [
+                f"{key} = CASE WHEN runs.state IN {_OPEN} THEN excluded.{key} ELSE runs.{key} END"
+                if key in ("state", "ended_at", "error", "usage")
+                else f"{key} = excluded.{key}"
+                for key in changes
+            ]
+            + ["first_seq = coalesce(runs.first_seq, excluded.first_seq)"]
         )
         db.execute(
             f"INSERT INTO runs ({columns}) VALUES ({marks}) "
             f"ON CONFLICT (run_id) DO UPDATE SET {updates}",
             tuple(fresh.values()),
         )
+
+    async def record_queued(self, run: StoredRun) -> None:
+        values = {k: v for k, v in run.to_dict().items() if k not in ("error", "usage")}
+        columns, marks = ", ".join(values), ", ".join("?" for _ in values)
+
+        def apply(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"INSERT OR IGNORE INTO runs ({columns}) VALUES ({marks})", tuple(values.values())
+            )
+
+        await self._write(apply)
 
     async def events_after(self, session_id: str, after_seq: int, limit: int) -> list[Event]:
         rows = await self._read(
@@ -779,7 +807,8 @@ class SqliteStore:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = await self._read(
             f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs {clause} "
-            "ORDER BY coalesce(started_at, ended_at) DESC, first_seq DESC, run_id DESC LIMIT ?",
+            "ORDER BY coalesce(started_at, queued_at, ended_at) DESC, first_seq DESC, "
+            "run_id DESC LIMIT ?",
             (*params, limit),
         )
         return [_run_from_row(row) for row in rows]
@@ -794,7 +823,8 @@ class SqliteStore:
 
     async def open_runs(self) -> list[OpenRun]:
         rows = await self._read(
-            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE state IN {_OPEN} ORDER BY first_seq"
+            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE state IN {_OPEN} "
+            "ORDER BY first_seq IS NULL, first_seq, queued_at, run_id"
         )
         return [
             OpenRun(run, open_tool_calls(await self.run_events(run.run_id)))

@@ -209,10 +209,11 @@ def test_list_table_has_a_row_per_run(stored: Stored, capsys: pytest.CaptureFixt
     assert calc[-1] == "-"
     assert re.fullmatch(r"\d+\.\d", calc[5])
     assert calc[6] == "ms"
-    # The run cancelled while queued never started: no agent, no duration.
+    # The run cancelled while queued never started: no duration (its agent was recorded
+    # when it was accepted).
     queued = cells[stored.run_ids["queued"]]
     assert queued[1:4] == ["carol", "main", "cancelled"]
-    assert queued[5:] == ["-", "-", "-"]
+    assert queued[5:] == ["-", "demo", "-"]
 
 
 def test_list_with_no_match_says_so(stored: Stored, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,7 +23,7 @@ from strategies import connect
 from netra_actors import Config, Runtime, UnifiedTraceContext
 from netra_actors._messages import EmitEvent
 from netra_actors._sequencer import stamp
-from netra_actors._store import SqliteStore, open_store
+from netra_actors._store import SqliteStore, StoredRun, open_store
 from netra_actors.testing import check_lifecycle
 
 BOUND = 30
@@ -168,6 +168,76 @@ async def test_a_run_left_open_by_a_dead_process_is_closed_on_start(
     # A second start finds nothing more to close.
     async with Runtime(config) as runtime:
         assert await runtime.recover() == 0
+
+
+async def test_a_run_accepted_but_still_queued_at_a_crash_is_cancelled_on_start(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """The store records a run when it is accepted (before its answer), so a run queued
+    behind another when the process died ends with a lone ``agent_cancelled`` (reason
+    ``shutdown``) on the next start, like queued runs at a graceful shutdown."""
+    config = sqlite_config(make_config)
+    session_id, run_id, last = await _leave_open_run(tmp_path / "netra.sqlite3", "alice")
+    store = SqliteStore(tmp_path / "netra.sqlite3")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await store.record_queued(
+            StoredRun(
+                "run_queued",
+                session_id,
+                "alice",
+                "main",
+                "queued",
+                agent_name="demo",
+                trace_id="ab" * 16,
+                span_id="cd" * 8,
+                queued_at=time.time(),
+            )
+        )
+        await store.aclose()
+    with trio.fail_after(BOUND):
+        async with Runtime(config) as runtime:
+            assert runtime.store is not None
+            assert await runtime.store.open_runs() == []
+            tail = await runtime.store.events_after(session_id, last, 10)
+            queued = await runtime.store.get_run("run_queued")
+    assert [(e.type, e.run_id) for e in tail] == [
+        ("tool_completed", run_id),
+        ("agent_error", run_id),
+        ("agent_cancelled", "run_queued"),
+    ]
+    assert tail[-1].data == {"reason": "shutdown"}
+    assert tail[-1].trace_id == "ab" * 16
+    assert queued is not None
+    assert (queued.state, queued.first_seq, queued.agent_name) == ("cancelled", last + 3, "demo")
+
+
+async def test_a_run_is_recorded_queued_before_it_is_answered(
+    make_config: Callable[..., Config],
+) -> None:
+    """A run waiting behind another on its thread is in the store as ``queued``; once it
+    runs, its row follows its events."""
+    config = sqlite_config(make_config)
+    with trio.fail_after(BOUND):
+        async with Runtime(config) as runtime:
+            assert runtime.store is not None
+            first = await runtime.start_run("alice", "sleep 0.2")
+            second = await runtime.start_run("alice", "calc 1+1")
+            row = await runtime.store.get_run(second.run_id)
+            assert row is not None
+            assert (row.state, row.first_seq, row.text) == ("queued", None, "calc 1+1")
+            await first.collect()
+            events = await second.collect()
+            row = await runtime.store.get_run(second.run_id)
+    assert row is not None
+    assert (row.state, row.first_seq, row.last_seq) == (
+        "completed",
+        events[0].seq,
+        events[-1].seq,
+    )
+    assert row.queued_at is not None
+    assert row.started_at is not None
+    assert row.queued_at <= row.started_at
 
 
 async def test_retention_prunes_a_prefix_and_older_resumes_get_resume_gap(
