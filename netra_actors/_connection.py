@@ -15,22 +15,25 @@ and then reused (that would tear the frame): the connection is aborted.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
 from ._config import Config
 from ._exceptions import ProtocolError, RunRefused, RuntimeClosed, TransportClosed
-from ._messages import CancelRequest, ClientMessage, Ping, ResumeRequest, UserMessage
+from ._messages import CancelRequest, ClientMessage, Event, Ping, ResumeRequest, UserMessage
 from ._protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
     CLOSE_LAGGING,
     CLOSE_RATE_LIMITED,
     CLOSE_TOO_BIG,
+    MAX_BATCH,
+    MAX_BATCH_CHARS,
     PONG_FRAME,
     error_frame,
+    events_frame,
     parse_client_frame,
     resume_gap_frame,
     run_accepted_frame,
@@ -55,6 +58,21 @@ class _Close(Exception):
         self.abort = abort
 
 
+def _batched(events: Sequence[Event], batch: int) -> Iterator[str]:
+    """The frames that carry ``events`` at most ``batch`` (and about ``MAX_BATCH_CHARS``
+    characters) at a time; a lone event goes as its own frame."""
+    group: list[str] = []
+    size = 0
+    for event in events:
+        if group and (len(group) >= batch or size + len(event.frame) > MAX_BATCH_CHARS):
+            yield group[0] if len(group) == 1 else events_frame(group)
+            group, size = [], 0
+        group.append(event.frame)
+        size += len(event.frame)
+    if group:
+        yield group[0] if len(group) == 1 else events_frame(group)
+
+
 class Connection:
     """One client connection of a session (state owned by its tasks only)."""
 
@@ -68,8 +86,13 @@ class Connection:
         traceparent: str | None = None,
         after_seq: int | None = None,
         session_hint: str | None = None,
+        batch: int = 1,
     ) -> None:
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be 1 to {MAX_BATCH}, got {batch}")
         self.session = session
+        #: Most events per frame (1: one event per frame, the default protocol).
+        self.batch = batch
         self.transport = transport
         self.connection_id = connection_id
         self.config = config or Config()
@@ -115,13 +138,15 @@ class Connection:
         # every event with seq > last_seq and nothing before it.
         sub = self.subscription = session.subscribe()
         last_seq = sub.cursor
-        sub.push_direct(session_ready_frame(session.session_id, session.user_id, last_seq))
+        sub.push_direct(
+            session_ready_frame(session.session_id, session.user_id, last_seq, batch=self.batch)
+        )
         if self.after_seq is not None:
             restart = self._resume(sub, self.after_seq, self.session_hint)
             # Tell the client where this connection's stream restarts (session_ready
             # stays first: the frame is rebuilt before anything was sent).
             sub._direct[0] = session_ready_frame(
-                session.session_id, session.user_id, last_seq, after_seq=restart
+                session.session_id, session.user_id, last_seq, after_seq=restart, batch=self.batch
             )
         session.connection_opened()
         code, abort = CLOSE_GOING_AWAY, False
@@ -182,8 +207,12 @@ class Connection:
                     for frame in sub.take_direct():
                         await self._send(frame)
                     return self._close_after_replies, False
-                for event in events:
-                    await self._send(event.frame)
+                if self.batch == 1 or len(events) == 1:
+                    for event in events:
+                        await self._send(event.frame)
+                else:
+                    for frame in _batched(events, self.batch):
+                        await self._send(frame)
                 if events:
                     self.session._services.telemetry.events_delivered(len(events))
         except TransportClosed as exc:

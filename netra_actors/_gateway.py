@@ -36,7 +36,7 @@ from ._auth import load_secret, verify_token
 from ._config import Config
 from ._exceptions import AuthError, RuntimeClosed
 from ._metrics import CONTENT_TYPE_LATEST, metrics_for
-from ._protocol import SUBPROTOCOL
+from ._protocol import MAX_BATCH, SUBPROTOCOL
 from ._runtime import Runtime
 from ._transport import TrioWebSocketTransport
 
@@ -436,6 +436,9 @@ class Gateway:
         proposed = list(request.proposed_subprotocols)
         try:
             after_seq = _int_param(head.query.get("after_seq"))
+            batch = _int_param(head.query.get("batch"), "batch")
+            if batch is not None and not 1 <= batch <= MAX_BATCH:
+                raise ValueError(f"batch must be 1 to {MAX_BATCH}, got {batch}")
         except ValueError as exc:
             await self._refuse(request, 400, "bad_request", str(exc))
             return
@@ -447,6 +450,7 @@ class Gateway:
                 traceparent=head.headers.get("traceparent"),
                 after_seq=after_seq,
                 session_hint=next(iter(head.query.get("session_id", [])), None),
+                batch=batch or 1,
             )
         except RuntimeClosed:
             await ws.aclose(1001, "server shutting down")
@@ -461,12 +465,12 @@ def _error_code(response: HttpResponse) -> str:
     return error if isinstance(error, str) and error.isascii() and len(error) <= 32 else "unknown"
 
 
-def _int_param(values: list[str] | None) -> int | None:
+def _int_param(values: list[str] | None, name: str = "after_seq") -> int | None:
     """A non-negative integer query parameter. Raises ``ValueError`` for anything else."""
     if not values:
         return None
     if not (values[0].isascii() and values[0].isdigit()):
-        raise ValueError(f"after_seq must be a non-negative integer, got {values[0][:32]!r}")
+        raise ValueError(f"{name} must be a non-negative integer, got {values[0][:32]!r}")
     return int(values[0])
 
 

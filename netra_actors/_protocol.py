@@ -7,7 +7,7 @@ docs/protocol.md): later versions add entries, never rename.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, cast
 
 import orjson
@@ -186,8 +186,25 @@ def parse_client_frame(message: str | bytes) -> ClientMessage:
             )
 
 
+#: Most events one multi-event frame carries (a client asks for at most this many).
+MAX_BATCH = 1000
+#: A multi-event frame stops growing past this many characters of events.
+MAX_BATCH_CHARS = 256 * 1024
+
+
+def events_frame(frames: Sequence[str]) -> str:
+    """A multi-event frame: ``{"type": "events", "events": [E1, E2, ...]}`` where each
+    ``E`` is an event frame exactly as it would be sent alone (encoded once, joined)."""
+    return '{"type":"events","events":[' + ",".join(frames) + "]}"
+
+
 def session_ready_frame(
-    session_id: str, user_id: str, last_seq: int, *, after_seq: int | None = None
+    session_id: str,
+    user_id: str,
+    last_seq: int,
+    *,
+    after_seq: int | None = None,
+    batch: int = 1,
 ) -> str:
     """The first frame of every accepted connection.
 
@@ -203,6 +220,8 @@ def session_ready_frame(
     }
     if after_seq is not None:
         frame["after_seq"] = after_seq
+    if batch > 1:
+        frame["batch"] = batch
     return encode(frame)
 
 

@@ -441,6 +441,7 @@ class Runtime:
         traceparent: str | None = None,
         after_seq: int | None = None,
         session_hint: str | None = None,
+        batch: int = 1,
     ) -> Connection:
         """Run a connection actor for ``transport`` in the user's session until it ends.
 
@@ -449,7 +450,8 @@ class Runtime:
         the underlying socket open for exactly as long as it is needed. With
         ``after_seq`` the connection resumes: it first receives the events after
         it (or a ``resume_gap`` when that cannot be served exactly; also when
-        ``session_hint`` names another stream). Returns the finished
+        ``session_hint`` names another stream). With ``batch`` > 1 a backlog is
+        sent as multi-event frames of up to ``batch`` events. Returns the finished
         ``Connection`` (its ``close_code`` says how it ended).
         """
         session = await self.session(user_id)
@@ -461,6 +463,7 @@ class Runtime:
             traceparent=traceparent,
             after_seq=after_seq,
             session_hint=session_hint,
+            batch=batch,
         )
         self.manager.add_connection(user_id, connection)
         try:

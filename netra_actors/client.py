@@ -71,6 +71,7 @@ class NetraClient:
         max_backoff: float = 5.0,
         give_up_after: float = 60.0,
         connect_timeout: float = 10.0,
+        batch: int = 1,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or parts.hostname is None:
@@ -83,6 +84,9 @@ class NetraClient:
         self.max_backoff = max_backoff
         self.give_up_after = give_up_after
         self.connect_timeout = connect_timeout
+        #: Most events per frame the server may send (multi-event frames, unwrapped
+        #: here: ``frames()`` always yields single events).
+        self.batch = batch
         #: The newest ``seq`` received (``None`` before any event).
         self.last_seq: int | None = after_seq
         #: The id of the event stream this client follows.
@@ -101,6 +105,8 @@ class NetraClient:
 
     def _resource(self) -> str:
         query = dict(p.split("=", 1) for p in self._parts.query.split("&") if "=" in p)
+        if self.batch > 1:
+            query["batch"] = str(self.batch)
         if self.last_seq is not None:
             query["after_seq"] = str(self.last_seq)
             if self.session_id is not None:
@@ -168,6 +174,10 @@ class NetraClient:
         return code
 
     def _receive(self, frame: Frame) -> None:
+        if frame.get("type") == "events" and isinstance(frame.get("events"), list):
+            for event in frame["events"]:
+                self._receive(event)
+            return
         seq = frame.get("seq")
         if frame.get("type") == "session_ready":
             if frame.get("session_id") != self.session_id:

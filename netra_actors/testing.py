@@ -366,7 +366,8 @@ class LifecycleChecker:
         """Check one decoded server frame.
 
         A frame with a ``seq`` key, or whose ``type`` is an event type, is an
-        event and is checked against every rule. Any other frame (``run_accepted``,
+        event and is checked against every rule; a multi-event frame (``type``
+        ``events``) is checked as its events, in order. Any other frame (``run_accepted``,
         ``pong``, ``error``, frames of later protocol versions) is ignored, except
         ``session_ready``, which starts a stream (see ``strict_seq``).
 
@@ -383,6 +384,9 @@ class LifecycleChecker:
             raise LifecycleViolation(
                 f"frame must have a string 'type', got {event_type!r}", rule="bad_frame"
             )
+        if event_type == "events":
+            self._feed_events(frame.get("events"))
+            return
         if "seq" in frame or event_type in EVENT_TYPES:
             self._feed_event(event_type, frame)
         elif event_type == "session_ready":
@@ -396,6 +400,19 @@ class LifecycleChecker:
                     rule="bad_field",
                 )
             self._next_seq = oldest
+
+    def _feed_events(self, events: Any) -> None:
+        """A multi-event frame: a non-empty list of events, each checked in turn."""
+        if not isinstance(events, list) or not events:
+            raise LifecycleViolation(
+                "an 'events' frame must carry a non-empty list of events", rule="bad_frame"
+            )
+        for event in events:
+            if not isinstance(event, Mapping) or event.get("type") not in EVENT_TYPES:
+                raise LifecycleViolation(
+                    f"an 'events' frame may carry only events, got {event!r}", rule="bad_frame"
+                )
+            self.feed(event)
 
     def finish(self) -> LifecycleReport:
         """End-of-stream checks; returns the report.

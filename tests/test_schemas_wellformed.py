@@ -69,6 +69,30 @@ OK_TOOL_COMPLETED = _event(
 
 SERVER_EXAMPLES: list[dict[str, Any]] = [
     {
+        "type": "events",
+        "events": [
+            {
+                "type": "partial_result",
+                "seq": seq,
+                "run_id": "r-1",
+                "thread_id": "main",
+                "ts": 1.5,
+                "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+                "span_id": "00f067aa0ba902b7",
+                "data": {"text": text},
+            }
+            for seq, text in ((7, "is "), (8, "14."))
+        ],
+    },
+    {
+        "type": "session_ready",
+        "session_id": "s-1",
+        "user_id": "alice",
+        "last_seq": 0,
+        "protocol": 1,
+        "batch": 64,
+    },
+    {
         "type": "session_ready",
         "session_id": "s-1",
         "user_id": "alice",
@@ -513,7 +537,8 @@ def test_protocol_md_frame_tables_list_every_frame_type() -> None:
     """The client-frame, reply and event tables of docs/protocol.md name every frame schema."""
     events = _protocol.EVENT_TYPES
     assert set(_first_column("## Client → server frames")) == CLIENT_TYPES
-    assert set(_first_column("## Server → client replies")) == SERVER_TYPES - events
+    assert set(_first_column("## Server → client replies")) == SERVER_TYPES - events - {"events"}
+    assert '{"type":"events","events":[' in _section("## Multi-event frames")
     event_section = _section("## Event frames")
     event_table = event_section.split("| `type` | `data` fields |", 1)[1]
     documented = {
