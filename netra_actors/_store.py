@@ -40,6 +40,7 @@ from ._conversations import ConversationStore, message_from_dict, message_to_dic
 from ._exceptions import NetraError
 from ._llm import ChatMessage
 from ._messages import Event
+from ._sequencer import encode_json
 from ._tracker import FINISHED_STATES, RunState, state_after
 
 SCHEMA_VERSION = 1
@@ -598,23 +599,30 @@ class SqliteStore:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the file and commit writes until ``aclose``; see the module docstring."""
         await trio.to_thread.run_sync(self._open)
+        batch: list[_Write] = []
         try:
             task_status.started()
-            async with self._receive:
-                async for first in self._receive:
-                    batch = [first]
-                    while len(batch) < self.max_batch:
-                        try:
-                            batch.append(self._receive.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                    await trio.to_thread.run_sync(self._commit, batch)
-                    for write in batch:
-                        write.done.set()
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                # Not abandoned on cancel: a commit that started completes, and its
+                # writers are told so before the next checkpoint.
+                await trio.to_thread.run_sync(self._commit, batch)
+                for write in batch:
+                    write.done.set()
+                batch = []
         finally:
-            for write in self._pending():
-                write.error = StoreError("the store was closed")
-                write.done.set()
+            # Writes not committed (the batch in flight if the commit failed or never
+            # ran, and whatever is queued) fail instead of waiting forever.
+            for write in batch + self._pending():
+                if not write.done.is_set():
+                    write.error = StoreError("the store was closed before this write")
+                    write.done.set()
+            self._receive.close()
             try:
                 trio.lowlevel.current_task()
             except RuntimeError:  # the coroutine is being closed outside trio (collected)
@@ -742,7 +750,8 @@ class SqliteStore:
         changes = run_changes(event)
         for key in ("error", "usage"):
             if key in changes:
-                changes[key] = orjson.dumps(changes[key]).decode()
+                # As the sequencer encodes events: values JSON cannot carry become text.
+                changes[key] = encode_json(changes[key])
         fresh = {
             "run_id": event.run_id,
             "session_id": session_id,
