@@ -65,6 +65,7 @@ SERVE_FLAGS = (
     "llm_timeout",
     "llm_connect_timeout",
     "llm_max_retries",
+    "write_linger",
     "run_timeout",
     "stall_timeout",
     "store",

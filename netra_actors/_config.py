@@ -35,6 +35,11 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -
         raise ConfigError(f"{attribute.name} must be a positive finite number, got {value}")
 
 
+def _non_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0 <= value < math.inf:
+        raise ConfigError(f"{attribute.name} must be a finite number >= 0, got {value}")
+
+
 def _positive_or_none(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None:
         _positive(instance, attribute, value)
@@ -196,6 +201,14 @@ class Config:
     )
     max_active_runs_per_user: int = attrs.field(
         default=4, validator=_positive, metadata={"help": "concurrently executing runs per user"}
+    )
+    write_linger: float = attrs.field(
+        default=0.001,
+        validator=_non_negative,
+        metadata={
+            "help": "seconds a busy stream's writer waits to send what accumulated in one "
+            "write (0: never wait)"
+        },
     )
     # -- runs ---------------------------------------------------------------------------
     run_timeout: float | None = attrs.field(

@@ -15,8 +15,9 @@ and then reused (that would tear the frame): the connection is aborted.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, cast
 
 import trio
 
@@ -41,7 +42,7 @@ from ._protocol import (
 )
 from ._sequencer import Subscription, SubscriptionLagged
 from ._trace import UnifiedTraceContext
-from ._transport import CLOSE_ABNORMAL, Transport
+from ._transport import CLOSE_ABNORMAL, CoalescingTransport, Transport
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -56,6 +57,10 @@ class _Close(Exception):
         super().__init__(code)
         self.code = code
         self.abort = abort
+
+
+#: Most frames written at once (a bound on the bytes one write holds in memory).
+_WRITE_FRAMES = 128
 
 
 def _batched(events: Sequence[Event], batch: int) -> Iterator[str]:
@@ -91,6 +96,8 @@ class Connection:
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1 to {MAX_BATCH}, got {batch}")
         self.session = session
+        # Checked once: isinstance on a runtime-checkable protocol is slow.
+        self._coalesces = isinstance(transport, CoalescingTransport)
         #: Most events per frame (1: one event per frame, the default protocol).
         self.batch = batch
         self.transport = transport
@@ -180,11 +187,24 @@ class Connection:
                     await self.transport.abort()
             self.done.set()
 
+    async def _send_many(self, texts: Sequence[str]) -> None:
+        """Send ``texts`` as consecutive frames: one write when the transport can
+        (``send_timeout`` then bounds the write), else frame by frame."""
+        if len(texts) > 1 and self._coalesces:
+            transport = cast(CoalescingTransport, self.transport)
+            await self._bounded(transport.send_texts(texts))
+        else:
+            for text in texts:
+                await self._bounded(self.transport.send_text(text))
+
     async def _send(self, text: str) -> None:
+        await self._bounded(self.transport.send_text(text))
+
+    async def _bounded(self, send: Awaitable[None]) -> None:
         self._sending = True
         with trio.move_on_after(self.config.send_timeout):
             try:
-                await self.transport.send_text(text)
+                await send
             finally:
                 self._sending = False
             return
@@ -193,26 +213,38 @@ class Connection:
         raise _Close(CLOSE_ABNORMAL, abort=True)
 
     async def _writer(self, sub: Subscription) -> tuple[int, bool]:
-        """Send direct frames and events in order; ``(close code, abort)`` when done."""
+        """Send direct frames and events in order; ``(close code, abort)`` when done.
+
+        Write coalescing: after a batch of several events (a burst), if the next
+        follows closely, the writer waits ``write_linger`` seconds before taking
+        it, so what accumulates meanwhile goes out in one write (one system call)
+        instead of one per event. A quiet stream's events go out at once.
+        """
+        linger = self.config.write_linger
+        previous, busy = -math.inf, False
         try:
             while True:
+                if busy and trio.current_time() - previous < 10 * linger:
+                    await sub.linger(linger)
                 batch = await sub.next_batch()
                 if batch is None:
                     return CLOSE_GOING_AWAY, False
+                previous = trio.current_time()
                 direct, events = batch
-                for frame in direct:
-                    await self._send(frame)
+                # A burst: several events were waiting at once.
+                busy = linger > 0 and len(events) > 1
+                if direct:
+                    await self._send_many(direct)
                 if self._close_after_replies is not None:
                     # Send every reply queued up to the closing error, then close.
-                    for frame in sub.take_direct():
-                        await self._send(frame)
+                    await self._send_many(sub.take_direct())
                     return self._close_after_replies, False
                 if self.batch == 1 or len(events) == 1:
-                    for event in events:
-                        await self._send(event.frame)
+                    frames = [event.frame for event in events]
                 else:
-                    for frame in _batched(events, self.batch):
-                        await self._send(frame)
+                    frames = list(_batched(events, self.batch))
+                for start in range(0, len(frames), _WRITE_FRAMES):
+                    await self._send_many(frames[start : start + _WRITE_FRAMES])
                 if events:
                     self.session._services.telemetry.events_delivered(len(events))
         except TransportClosed as exc:

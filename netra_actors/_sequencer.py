@@ -11,6 +11,7 @@ the sequencer or another reader.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -78,8 +79,8 @@ class ReplayWindow:
         return [self._events[i] for i in range(start, stop)]
 
 
-def _encode_event(frame: dict[str, Any]) -> str:
-    """The event's JSON text. Never raises: values JSON cannot carry become strings.
+def encode_json(frame: Any) -> str:
+    """The JSON text of event data. Never raises: values JSON cannot carry become strings.
 
     Event data comes partly from agent and tool code; a value orjson refuses
     (an object, a set, an integer beyond 64 bits, a non-string key) must not
@@ -93,7 +94,7 @@ def _encode_event(frame: dict[str, Any]) -> str:
 
 def stamp(msg: EmitEvent, seq: int, ts: float) -> Event:
     """The event ``msg`` becomes as number ``seq`` of its stream, encoded once."""
-    frame = _encode_event(
+    frame = encode_json(
         {
             "type": msg.type,
             "seq": seq,
@@ -169,6 +170,7 @@ class Subscription:
         self.paces = paces
         self._direct: deque[str] = deque()
         self._wake = trio.Event()
+        self._direct_wake = trio.Event()
         self.closed = False
         self._overflowed = False
 
@@ -187,11 +189,21 @@ class Subscription:
         else:
             self._direct.append(frame)
         self._wake.set()
+        self._direct_wake.set()
 
     @property
     def overflowed(self) -> bool:
         """More than ``MAX_DIRECT`` replies were waiting: the reader does not read."""
         return self._overflowed
+
+    async def linger(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if a direct frame arrives (replies never wait)."""
+        if self._direct or self.closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._direct_wake = trio.Event()
+        with trio.move_on_after(seconds):
+            await self._direct_wake.wait()
 
     def take_direct(self) -> list[str]:
         """Remove and return the direct frames waiting now."""
@@ -267,6 +279,7 @@ class SessionSequencer:
         last_seq: int = 0,
         stored_from: int | None = None,
         observers: Sequence[Callable[[Sequence[Event]], None]] = (),
+        linger: float = 0.0,
     ) -> None:
         self.session_id = session_id
         self.window = ReplayWindow(window_events, window_max_age)
@@ -276,6 +289,8 @@ class SessionSequencer:
         self.stored_from: int | None = stored_from if isinstance(store, EventReader) else None
         #: Called with each batch once it is published (synchronously: keep them cheap).
         self._observers = tuple(observers)
+        #: Seconds a busy stream waits to be published as one batch (0: never).
+        self.linger = linger
         self._subscriptions: set[Subscription] = set()
         self.ended = False
         self._inbox: trio.MemoryReceiveChannel[EmitEvent] | None = None
@@ -355,8 +370,16 @@ class SessionSequencer:
         """
         self._inbox = inbox
         try:
+            previous = -math.inf
             async for first in inbox:
                 room = await self._wait_for_room()
+                if self.linger and trio.current_time() - previous < 10 * self.linger:
+                    # A busy stream: let it accumulate, then publish it as one batch
+                    # (one store write, one wake-up per reader).
+                    await trio.sleep(self.linger)
+                else:
+                    # One more turn for the producers, for one reschedule.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 batch = [first]
                 # Drain what is already queued: one store write and one wake-up per batch.
                 while len(batch) < min(room, 512):
@@ -378,6 +401,7 @@ class SessionSequencer:
                     observe(events)
                 for sub in self._subscriptions:
                     sub.notify()
+                previous = trio.current_time()
         finally:
             self.ended = True
             for sub in self._subscriptions:

@@ -234,6 +234,7 @@ class Session:
             last_seq=last_seq,
             stored_from=stored_from,
             observers=[partial(services.tracker.observe, self.session_id, user_id)],
+            linger=config.write_linger,
         )
         self.rate_limiter = RateLimiter(config.rate_limit, config.rate_burst)
         self._emit_send, self._emit_recv = trio.open_memory_channel[EmitEvent](EVENT_INBOX_CAPACITY)

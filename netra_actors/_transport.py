@@ -9,10 +9,12 @@ protocol by implementing these three methods.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import trio
 import trio_websocket
+from wsproto.events import TextMessage
 
 from ._exceptions import TransportClosed
 
@@ -45,6 +47,17 @@ class Transport(Protocol):
         """
 
 
+@runtime_checkable
+class CoalescingTransport(Transport, Protocol):
+    """A transport that can write several text frames at once (optional)."""
+
+    async def send_texts(self, texts: Sequence[str]) -> None:
+        """Send ``texts`` as consecutive text frames in one write. Raises ``TransportClosed``.
+
+        Cancelling it may leave a frame half-written, as with ``send_text``.
+        """
+
+
 #: Close code reported for an aborted connection (no close frame was exchanged).
 CLOSE_ABNORMAL = 1006
 
@@ -69,6 +82,31 @@ class TrioWebSocketTransport:
             await self.ws.send_message(text)
         except trio_websocket.ConnectionClosed as exc:
             raise TransportClosed(exc.reason.code if exc.reason else None) from None
+
+    async def send_texts(self, texts: Sequence[str]) -> None:
+        """The frames of ``texts`` encoded together and written with one ``send_all``.
+
+        Uses trio-websocket's connection state (its wsproto connection and stream
+        lock) as its own ``send_message`` does; falls back to one message at a
+        time if those are not there.
+        """
+        ws = self.ws
+        proto = getattr(ws, "_wsproto", None)
+        lock = getattr(ws, "_stream_lock", None)
+        stream = getattr(ws, "_stream", None)
+        if proto is None or lock is None or stream is None:
+            for text in texts:
+                await self.send_text(text)
+            return
+        reason = ws.closed
+        if reason is not None:
+            raise TransportClosed(reason.code)
+        data = b"".join(proto.send(TextMessage(data=text)) for text in texts)
+        async with lock:
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise TransportClosed(CLOSE_ABNORMAL) from None
 
     async def receive(self) -> str | bytes:
         try:

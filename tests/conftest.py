@@ -70,6 +70,9 @@ def make_config(tmp_path: os.PathLike[str]) -> Callable[..., Config]:
             "shutdown_grace": 2.0,
             # Tests that exercise persistence ask for store="sqlite" (in tmp_path).
             "store": "memory",
+            # Tests time deliveries to the virtual microsecond; the ones about write
+            # coalescing set write_linger themselves.
+            "write_linger": 0.0,
         }
         values.update(overrides)
         return Config(**values)  # type: ignore[arg-type]

@@ -80,6 +80,8 @@ ALLOWED_ORIGIN = "https://good.example"
 CALC = "what is 2+3*4?"
 BASE_CONFIG: dict[str, Any] = {
     "store": "memory",
+    # The harness reads "nothing more is coming" from quiescence (wait_all_tasks_blocked).
+    "write_linger": 0.0,
     "secret": TEST_SECRET,
     "shutdown_grace": 2.0,
     "max_frame_bytes": FUZZ_LIMIT,

@@ -32,7 +32,7 @@ from strategies import (
 from netra_actors import Config, Runtime
 from netra_actors.testing import check_lifecycle
 
-CONFIG = Config(store="memory", shutdown_grace=2.0)
+CONFIG = Config(store="memory", shutdown_grace=2.0, write_linger=0.0)  # exact timing model
 #: Virtual seconds; far more than any drawn script needs (a hang costs 5 s).
 BOUND = 3600
 

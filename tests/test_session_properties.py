@@ -75,6 +75,7 @@ def run_virtual(fn: Any, *args: Any) -> None:
 def thread_config(policy: str, max_active: int, max_queued: int, idle_grace: float) -> Config:
     return Config(
         store="memory",
+        write_linger=0.0,  # the model times deliveries exactly
         shutdown_grace=2.0,
         thread_policy=policy,
         max_active_runs_per_user=max_active,

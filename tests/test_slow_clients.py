@@ -180,8 +180,9 @@ async def test_slowly_reading_tab_falls_out_of_the_window_and_gets_4008(
 
     assert slow_code == 4008
     assert slow_served.close_code == 4008
-    # Closed by the lag check as soon as its writer looked again, not by send_timeout.
-    assert closed_at <= len(slow_frames) + 1 < config.send_timeout
+    # Closed by the lag check as soon as its writer looked again (after the frames it
+    # already had in hand, one a second), not aborted by send_timeout (1006).
+    assert closed_at <= len(slow_frames) + 1
     got = seqs(slow_frames)
     assert got == list(range(1, len(got) + 1))
     assert 0 < len(got) < 2003

@@ -533,6 +533,7 @@ class Model:
 async def _policy_property(setup: Setup) -> None:
     config = Config(
         store="memory",
+        write_linger=0.0,  # the model times deliveries exactly
         shutdown_grace=2.0,
         thread_policy=setup.policy,
         max_active_runs_per_user=setup.max_active,
