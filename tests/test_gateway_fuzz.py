@@ -923,6 +923,8 @@ class Head:
     user: str | None = None
     proposes_v1: bool = False
     resumes: bool = False
+    #: The multi-event frame size session_ready must confirm (None: single events).
+    batch: int | None = None
     expect_gap: bool = False
     early_ping: bool = False
     #: Carries KEY as its Sec-WebSocket-Key (so a 101 must carry its accept token).
@@ -941,12 +943,13 @@ DEFECTS = (
     "token",
     "origin",
     "after_seq",
+    "batch",
 )
 
 
 @st.composite
 def well_formed_heads(draw: st.DrawFn) -> Head:
-    """A well-formed HTTP/1.1 head: a WebSocket handshake with up to two defects (plain HTTP, wrong path, bad token, origin, after_seq, RFC 6455 headers), tokens in any place, noise."""
+    """A well-formed HTTP/1.1 head: a WebSocket handshake with up to two defects (plain HTTP, wrong path, bad token, origin, after_seq, batch, RFC 6455 headers), tokens in any place, noise."""
     users: dict[str, str | None] = {}
     count = draw(st.sampled_from([0, 0, 0, 1, 1, 2]))
     defects = set(
@@ -1025,6 +1028,11 @@ def well_formed_heads(draw: st.DrawFn) -> Head:
         if "after_seq" in defects
         else st.none() | st.integers(0, 3).map(str) | st.just("18446744073709551616")
     )
+    batch = draw(
+        st.sampled_from(["0", "1001", "x", "-1", "2.5", "\u0663"])
+        if "batch" in defects
+        else st.none() | st.sampled_from(["1", "2", "64", "1000"])
+    )
     session_hint = draw(st.none() | st.text(JUNK, min_size=1, max_size=12))
 
     query: list[tuple[str, str]] = []
@@ -1034,6 +1042,8 @@ def well_formed_heads(draw: st.DrawFn) -> Head:
         query.append(("after_seq", after_seq))
     if session_hint is not None:
         query.append(("session_id", session_hint))
+    if batch is not None:
+        query.append(("batch", batch))
     query += draw(
         st.lists(st.tuples(st.sampled_from(["x", "q"]), st.text(JUNK, max_size=8)), max_size=2)
     )
@@ -1109,6 +1119,10 @@ def well_formed_heads(draw: st.DrawFn) -> Head:
     user = users.get(chosen_token() or "")
     origin_ok = origin is None or netloc(origin) == host or origin.rstrip("/") == ALLOWED_ORIGIN
     after_ok = after_seq is None or (after_seq.isascii() and after_seq.isdigit())
+    # Multi-event frames: batch must be an integer 1-1000 (docs/protocol.md).
+    after_ok = after_ok and (
+        batch is None or (batch.isascii() and batch.isdigit() and 1 <= int(batch) <= 1000)
+    )
     failures = [
         s
         for s, failed in ((404, path != "/ws"), (401, user is None), (403, not origin_ok))
@@ -1128,6 +1142,7 @@ def well_formed_heads(draw: st.DrawFn) -> Head:
         user=user,
         proposes_v1="netra.v1" in proposals,
         resumes=resumes,
+        batch=int(batch) if batch is not None and int(batch) > 1 else None,
         # Nothing ever happens in these sessions (last_seq 0): after_seq 0 of this very
         # session is exact, anything else (another session_id, a later seq) is a gap.
         expect_gap=resumes and (int(after_seq or 0) != 0 or session_hint is not None),
@@ -1202,6 +1217,7 @@ async def check_accepted(client: RawClient, head: Head) -> None:
     assert ready["type"] == "session_ready", ready
     assert ready["user_id"] == head.user
     assert ready.get("after_seq") == (0 if head.resumes else None), ready
+    assert ready.get("batch") == head.batch, ready
     await client.send_raw(ws_frame(TEXT, PING_JSON))
     await client.wait_for(lambda f: f["type"] == "pong")
     expected = ["session_ready", *(["resume_gap"] if head.expect_gap else []), "pong"]
