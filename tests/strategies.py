@@ -961,9 +961,19 @@ class Tab:
     """
 
     def __init__(
-        self, user_id: str, *, read_delay: float = 0.0, capacity: int = 256, name: str = ""
+        self,
+        user_id: str,
+        *,
+        read_delay: float = 0.0,
+        capacity: int = 256,
+        name: str = "",
+        batch: int = 1,
     ) -> None:
         self.user_id = user_id
+        #: Asks for multi-event frames of up to ``batch`` events (unwrapped on receipt:
+        #: ``multi_frames`` counts them).
+        self.batch = batch
+        self.multi_frames = 0
         self.name = name
         self.read_delay = read_delay
         self.capacity = capacity
@@ -1043,6 +1053,7 @@ class Tab:
                 server_end,
                 after_seq=after_seq,
                 session_hint=hint,
+                batch=self.batch,
             )
         )
         nursery.start_soon(self._read, client_end, segment)
@@ -1059,16 +1070,24 @@ class Tab:
             while True:
                 raw = await transport.receive()
                 assert isinstance(raw, str), f"the server sent a binary frame: {raw!r}"
-                frame = json.loads(raw)
-                segment.frames.append(frame)
-                if len(segment.frames) == 1:
-                    self._streams.setdefault(segment.session_id, {})
-                if is_event(frame):
-                    stream = self._streams[segment.session_id]
-                    seen = stream.setdefault(frame["seq"], frame)
-                    assert seen == frame, f"seq {frame['seq']} came twice, different: {frame}"
-                    if frame["type"] in TERMINAL_EVENTS:
-                        self._terminals.add(frame["run_id"])
+                decoded = json.loads(raw)
+                if decoded["type"] == "events":
+                    assert self.batch > 1, "multi-event frame sent to a tab that did not ask"
+                    assert 2 <= len(decoded["events"]) <= self.batch, decoded
+                    self.multi_frames += 1
+                    frames = decoded["events"]
+                else:
+                    frames = [decoded]
+                for frame in frames:
+                    segment.frames.append(frame)
+                    if len(segment.frames) == 1:
+                        self._streams.setdefault(segment.session_id, {})
+                    if is_event(frame):
+                        stream = self._streams[segment.session_id]
+                        seen = stream.setdefault(frame["seq"], frame)
+                        assert seen == frame, f"seq {frame['seq']} twice, different: {frame}"
+                        if frame["type"] in TERMINAL_EVENTS:
+                            self._terminals.add(frame["run_id"])
                 self._notify()
                 if self.read_delay:
                     await trio.sleep(self.read_delay)
@@ -1224,6 +1243,8 @@ class TabPlan:
     read_delay: float
     capacity: int
     join_at: int
+    #: Multi-event frames: at most this many events per frame (1: one per frame).
+    batch: int = 1
 
 
 @attrs.frozen
@@ -1284,7 +1305,7 @@ def tab_plans(draw: st.DrawFn, *, join_at: int | None = None, max_join: int = 0)
     delay = draw(st.sampled_from((0.0, 0.0, 0.25, 1.0)))
     capacity = draw(st.sampled_from((2, 256))) if delay else 256
     join = join_at if join_at is not None else draw(st.integers(0, max_join))
-    return TabPlan(delay, capacity, join)
+    return TabPlan(delay, capacity, join, draw(st.sampled_from((1, 1, 3, 64))))
 
 
 @st.composite

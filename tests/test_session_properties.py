@@ -258,7 +258,13 @@ async def _scenario(scenario: Scenario) -> None:
             f"u{i}",
             plan,
             [
-                Tab(f"u{i}", read_delay=t.read_delay, capacity=t.capacity, name=f"u{i}.t{j}")
+                Tab(
+                    f"u{i}",
+                    read_delay=t.read_delay,
+                    capacity=t.capacity,
+                    name=f"u{i}.t{j}",
+                    batch=t.batch,
+                )
                 for j, t in enumerate(plan.tabs)
             ],
         )
@@ -309,6 +315,9 @@ def check_user(user: User, store: RecordingStore) -> None:
     check_every_tab_sees_the_same_stream(user, stream)  # 2
     check_only_own_events(user, stream)  # 3
     check_outcomes_agree_with_the_draw(user, stream)  # 4
+    for tab in user.tabs:
+        if tab.batch > 1:
+            hypothesis.event(f"tab with batch: got multi-event frames {tab.multi_frames > 0}")
 
 
 def check_every_connection_lifecycle(user: User, stream: Sequence[Frame]) -> None:
