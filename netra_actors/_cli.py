@@ -138,6 +138,12 @@ def _banner(config: Config, url: str, token: str) -> str:
             "  then send:",
             '    {"type":"user_message","text":"what is 2+3*4?"}',
             "  other users: netra-actors token USER",
+            (
+                f"  runs and events are stored in {config.data_dir / 'netra.sqlite3'} "
+                "(netra-actors runs list)"
+                if config.store == "sqlite"
+                else "  nothing is stored (--store memory)"
+            ),
             "  stop with Ctrl-C",
         ]
     )
