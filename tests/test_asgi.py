@@ -397,3 +397,78 @@ def test_transport_over_raw_asgi_callables(make_config: MakeConfig) -> None:
         {"type": "websocket.send", "text": "frame"},
         {"type": "websocket.close", "code": 1001, "reason": "going away"},
     ]
+
+
+# --- the protocol's behaviour does not depend on the transport ------------------------------
+
+
+def test_resume_over_asgi_gets_exactly_the_missed_events(
+    served: tuple[TestClient, AsyncioRuntime],
+) -> None:
+    """A connection that saw part of a stream, then a new one resuming after its last
+    ``seq`` (with the ``session_id``): the events after it, in order, nothing before."""
+    client, _ = served
+    with client.websocket_connect(f"/ws?token={token('rita')}") as ws:
+        frames = [receive(ws)]
+        session_id = frames[0]["session_id"]
+        run_id = start(ws, "stream 20", frames)
+        events = until_terminal(ws, run_id, frames)
+    cut = events[len(events) // 2]["seq"]
+    query = f"/ws?token={token('rita')}&after_seq={cut}&session_id={session_id}"
+    with client.websocket_connect(query) as ws:
+        ready = receive(ws)
+        assert ready["after_seq"] == cut
+        resumed = [receive(ws) for _ in range(events[-1]["seq"] - cut)]
+    assert resumed == [e for e in events if e["seq"] > cut]
+
+
+def test_thread_policies_over_asgi(served: tuple[TestClient, AsyncioRuntime]) -> None:
+    """``reject`` on a busy thread answers ``busy``; ``interrupt`` cancels the active run
+    (``agent_cancelled`` reason ``interrupted``) and runs the new one."""
+    client, _ = served
+    with client.websocket_connect(f"/ws?token={token('tom')}") as ws:
+        frames = [receive(ws)]
+        first = start(ws, "sleep 30", frames)
+        ws.send_text(json.dumps({"type": "user_message", "text": "hi", "policy": "reject"}))
+        while not any(f["type"] == "error" for f in frames):
+            frames.append(receive(ws))
+        assert next(f for f in frames if f["type"] == "error")["code"] == "busy"
+        ws.send_text(
+            json.dumps({"type": "user_message", "text": "what is 2+3*4?", "policy": "interrupt"})
+        )
+        second = None
+        while second is None:
+            frame = receive(ws)
+            frames.append(frame)
+            if frame["type"] == "run_accepted" and frame["run_id"] != first:
+                second = frame["run_id"]
+        interrupted = until_terminal(ws, first, frames)
+        answered = until_terminal(ws, second, frames)
+    check_lifecycle(frames)
+    assert interrupted[-1]["type"] == "agent_cancelled"
+    assert interrupted[-1]["data"]["reason"] == "interrupted"
+    assert answered[-1]["type"] == "agent_completed"
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{not json", "bad_json"),
+        ('{"type": "teleport"}', "unknown_type"),
+        ('{"type": "user_message"}', "bad_frame"),
+        ('{"type": "cancel", "run_id": "run_nope"}', "not_found"),
+    ],
+)
+def test_bad_frames_over_asgi_get_typed_errors_and_the_connection_goes_on(
+    served: tuple[TestClient, AsyncioRuntime], frame: str, code: str
+) -> None:
+    """Each bad frame gets ``error`` with its code; the same connection then answers a ping."""
+    client, _ = served
+    with client.websocket_connect(f"/ws?token={token('eve')}") as ws:
+        receive(ws)
+        ws.send_text(frame)
+        error = receive(ws)
+        assert error["type"] == "error"
+        assert error["code"] == code
+        ws.send_text('{"type": "ping"}')
+        assert receive(ws)["type"] == "pong"
