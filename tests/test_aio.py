@@ -534,3 +534,22 @@ def test_doc_asyncio_tool_example(make_config: MakeConfig) -> None:
     events = run(main)
     completed = next(e for e in events if e.type == "tool_completed")
     assert completed.data["results"] == {"order_id": "A1", "status": "shipped"}
+
+
+def test_the_bridge_benchmark_runs_and_checks_its_streams() -> None:
+    """benchmarks/bench_asyncio_bridge.py at a tiny size: every way delivers every event
+    (its own check_lifecycle and count assertions) and reports every figure."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_asyncio_bridge.py"
+    spec = importlib.util.spec_from_file_location("bench_asyncio_bridge", path)
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.measure(50, 1)
+    assert set(results) == {"trio", "guest+trio", "guest+asyncio"}
+    for figures in results.values():
+        assert set(figures) == {"events_per_s", "cpu_us_per_event", "p50_ms", "p99_ms"}
+        assert figures["events_per_s"] > 0
