@@ -27,7 +27,7 @@ import asyncio
 import collections
 import contextlib
 import functools
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -35,10 +35,13 @@ from typing import Any, TypeVar, cast
 import outcome
 import trio
 
+from ._agents import Agent
+from ._bridge import AgentWebSocketBridge
 from ._config import Config
 from ._connection import Connection
-from ._exceptions import RuntimeClosed, ToolError
-from ._messages import CancelOutcome, Event, ThreadPolicy
+from ._exceptions import AgentError, RuntimeClosed, ToolError
+from ._llm import ChatMessage, ChatRequest, LLMChunk, ToolSpec
+from ._messages import CancelOutcome, Event, ThreadPolicy, ToolCall, ToolResult
 from ._runtime import RunHandle, Runtime, RuntimeStatistics
 from ._tools import Tool
 from ._transport import Transport
@@ -538,3 +541,139 @@ def asyncio_tool(
         description=description,
         timeout=timeout,
     )
+
+
+# -- agents written for asyncio ----------------------------------------------------------------
+
+
+async def _call_in(
+    nursery: trio.Nursery, async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]
+) -> T:
+    """From asyncio code (the host thread): run the Trio ``async_fn(*args)`` in ``nursery``.
+
+    Cancelling the asyncio caller cancels the Trio task and waits for it to end.
+    """
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    scope = trio.CancelScope()
+    try:
+        nursery.start_soon(_run_call, future, scope, async_fn, args)
+    except RuntimeError:  # the nursery closed: the run is over
+        raise RuntimeClosed("the run is over") from None
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if not future.done():
+            scope.cancel()
+            await asyncio.wait((future,))
+        raise
+
+
+class AsyncioBridge:
+    """What an asyncio agent (``asyncio_agent``) sees of its run: the methods of
+    ``AgentWebSocketBridge``, awaited from asyncio. Each call runs on the Trio side, in
+    the run (its events, its tool calls, its cancellation); cancelling the asyncio agent
+    cancels the call in flight."""
+
+    def __init__(self, bridge: AgentWebSocketBridge, nursery: trio.Nursery) -> None:
+        self._bridge = bridge
+        self._nursery = nursery
+
+    @property
+    def run_id(self) -> str:
+        return self._bridge.run_id
+
+    @property
+    def user_id(self) -> str:
+        return self._bridge.user_id
+
+    @property
+    def thread_id(self) -> str:
+        return self._bridge.thread_id
+
+    @property
+    def text(self) -> str:
+        """The user's message that started the run."""
+        return self._bridge.text
+
+    @property
+    def tool_specs(self) -> tuple[ToolSpec, ...]:
+        return self._bridge.tool_specs
+
+    def next_step(self) -> int:
+        return self._bridge.next_step()
+
+    def record_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self._bridge.record_usage(prompt_tokens, completion_tokens)
+
+    async def thinking(self, reasoning: str, step: int | None = None) -> None:
+        await _call_in(self._nursery, self._bridge.thinking, (reasoning, step))
+
+    async def partial(self, text: str) -> None:
+        await _call_in(self._nursery, self._bridge.partial, (text,))
+
+    async def execute_tool(
+        self, name: str, arguments: Mapping[str, Any] | None = None, *, call_id: str | None = None
+    ) -> ToolResult:
+        run = functools.partial(self._bridge.execute_tool, call_id=call_id)
+        return await _call_in(self._nursery, run, (name, arguments))
+
+    async def execute_tools(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
+        return await _call_in(self._nursery, self._bridge.execute_tools, (calls,))
+
+    async def history(self) -> list[ChatMessage]:
+        return await _call_in(self._nursery, self._bridge.history, ())
+
+    async def remember(self, messages: Sequence[ChatMessage]) -> None:
+        await _call_in(self._nursery, self._bridge.remember, (messages,))
+
+    async def llm_stream(
+        self, request: ChatRequest, *, provider: str | None = None
+    ) -> AsyncGenerator[LLMChunk, None]:
+        """The chunks of one LLM turn (``LLMManager.stream`` on the Trio side)."""
+        queue: asyncio.Queue[LLMChunk | BaseException | None] = asyncio.Queue()
+        scope = trio.CancelScope()
+
+        async def pump() -> None:
+            with scope:
+                try:
+                    async with aclosing(self._bridge.llm.stream(request, provider=provider)) as it:
+                        async for chunk in it:
+                            queue.put_nowait(chunk)
+                except Exception as exc:
+                    queue.put_nowait(exc)
+                    return
+            queue.put_nowait(None)
+
+        self._nursery.start_soon(pump)
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            scope.cancel()
+
+
+def asyncio_agent(fn: Callable[[AsyncioBridge], Awaitable[str | None]]) -> Agent:
+    """An agent written as an asyncio coroutine function, for runtimes run by
+    ``AsyncioRuntime``: ``fn(bridge)`` runs as an asyncio task and talks to its run
+    through an ``AsyncioBridge``. Its return value is the final answer, its exception
+    the run's ``agent_error``; cancelling the run cancels the asyncio task (waiting up
+    to ``CANCEL_WAIT`` seconds for it). Under plain ``trio.run`` the run fails with
+    ``agent_error``: there is no asyncio loop to run it on.
+    """
+
+    @functools.wraps(fn)
+    async def agent(bridge: AgentWebSocketBridge) -> str:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise AgentError(
+                f"{_name(fn)} is an asyncio agent: run the runtime with AsyncioRuntime"
+            ) from None
+        async with trio.open_nursery() as nursery:
+            result = await run_asyncio(fn, AsyncioBridge(bridge, nursery))
+            nursery.cancel_scope.cancel()
+        return "" if result is None else str(result)
+
+    return agent

@@ -17,16 +17,26 @@ import pytest
 import trio
 
 from netra_actors import (
+    ChatMessage,
+    ChatRequest,
     Config,
     Event,
     RuntimeClosed,
     ScriptedLLMProvider,
     ScriptedTurn,
+    TextDelta,
     ToolCall,
     ToolRegistry,
     tool_calling_agent,
 )
-from netra_actors.aio import AsyncioRuntime, asyncio_tool, run_asyncio
+from netra_actors._agents import demo_tools
+from netra_actors.aio import (
+    AsyncioBridge,
+    AsyncioRuntime,
+    asyncio_agent,
+    asyncio_tool,
+    run_asyncio,
+)
 from netra_actors.testing import check_lifecycle
 
 TIMEOUT = 20.0
@@ -553,3 +563,103 @@ def test_the_bridge_benchmark_runs_and_checks_its_streams() -> None:
     for figures in results.values():
         assert set(figures) == {"events_per_s", "cpu_us_per_event", "p50_ms", "p99_ms"}
         assert figures["events_per_s"] > 0
+
+
+# --- agents written for asyncio ---------------------------------------------------------------
+
+
+async def _asyncio_calculator_agent(bridge: AsyncioBridge) -> str:
+    """An agent in asyncio: it thinks, runs the calculator, streams its answer."""
+    assert isinstance(asyncio.current_task(), asyncio.Task)
+    await bridge.thinking(f"working on {bridge.text!r}")
+    result = await bridge.execute_tool("calculator", {"expression": "2+3*4"})
+    await asyncio.sleep(0)  # an asyncio library call between steps
+    await bridge.partial(f"= {result.results}")
+    return f"2+3*4 = {result.results}"
+
+
+def test_an_asyncio_agent_runs_on_the_asyncio_loop(make_config: MakeConfig) -> None:
+    """``asyncio_agent``: its thinking, tool call and answer are the run's events, in order."""
+
+    async def main() -> list[Event]:
+        agents = {"aio": asyncio_agent(_asyncio_calculator_agent)}
+        async with AsyncioRuntime(make_config(), agents=agents, tools=demo_tools()) as rt:
+            return await (await rt.start_run("ann", "what is 2+3*4?")).collect()
+
+    events = run(main)
+    checked(events)
+    assert [e.type for e in events] == [
+        "agent_started",
+        "agent_thinking",
+        "tool_executing",
+        "tool_completed",
+        "partial_result",
+        "agent_completed",
+    ]
+    assert events[3].data["results"] == 14
+    assert events[-1].data["final_response"] == "2+3*4 = 14"
+
+
+def test_an_asyncio_agent_streams_from_the_llm(make_config: MakeConfig) -> None:
+    """``bridge.llm_stream`` hands the LLM turn's chunks to asyncio code."""
+
+    async def agent(bridge: AsyncioBridge) -> str:
+        request = ChatRequest((ChatMessage("user", bridge.text),))
+        pieces = []
+        async for chunk in bridge.llm_stream(request):
+            if isinstance(chunk, TextDelta):
+                pieces.append(chunk.text)
+                await bridge.partial(chunk.text)
+        return "".join(pieces)
+
+    async def main() -> list[Event]:
+        agents = {"aio": asyncio_agent(agent)}
+        async with AsyncioRuntime(make_config(), agents=agents, tools=demo_tools()) as rt:
+            return await (await rt.start_run("ann", "stream 5")).collect()
+
+    events = run(main)
+    checked(events)
+    pieces = [e.data["text"] for e in events if e.type == "partial_result"]
+    assert len(pieces) == 5
+    assert events[-1].data["final_response"] == "".join(pieces)
+
+
+@pytest.mark.parametrize("outcome", ["cancel", "crash"])
+def test_an_asyncio_agent_is_cancelled_or_fails_like_any_agent(
+    make_config: MakeConfig, outcome: str
+) -> None:
+    """Cancelling the run cancels the asyncio agent mid-tool (the tool reports
+    ``cancelled``, the run ``agent_cancelled``); its exception is ``agent_error``."""
+    cancelled: list[bool] = []
+
+    async def agent(bridge: AsyncioBridge) -> str:
+        if outcome == "crash":
+            raise ValueError("the asyncio agent gave up")
+        try:
+            await bridge.execute_tool("sleep", {"seconds": 30})
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return "never"
+
+    async def main() -> list[Event]:
+        agents = {"aio": asyncio_agent(agent)}
+        async with AsyncioRuntime(make_config(), agents=agents, tools=demo_tools()) as rt:
+            handle = await rt.start_run("ann", "go")
+            events = []
+            async for event in handle.events():
+                events.append(event)
+                if event.type == "tool_executing":
+                    await handle.cancel()
+            return events
+
+    events = run(main)
+    checked(events)
+    if outcome == "cancel":
+        assert cancelled == [True]
+        assert events[-2].type == "tool_completed"
+        assert events[-2].data["status"] == "cancelled"
+        assert events[-1].type == "agent_cancelled"
+    else:
+        assert events[-1].type == "agent_error"
+        assert "the asyncio agent gave up" in events[-1].data["error"]["message"]
