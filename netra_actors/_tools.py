@@ -55,6 +55,12 @@ class Tool:
     parameters: Mapping[str, Any] = attrs.field(factory=dict)
     timeout: float | None = None
     _validator: ArgumentValidator | None = attrs.field(default=None, eq=False, repr=False)
+    #: The function's signature, read once (``inspect.signature`` costs ~0.3 ms a call).
+    _signature: inspect.Signature = attrs.field(init=False, eq=False, repr=False)
+
+    @_signature.default
+    def _read_signature(self) -> inspect.Signature:
+        return inspect.signature(self.function)
 
     @classmethod
     def from_function(
@@ -104,7 +110,7 @@ class Tool:
                     error_type="invalid_arguments",
                 )
         try:
-            return inspect.signature(self.function).bind(**arguments)
+            return self._signature.bind(**arguments)
         except TypeError as exc:
             raise ToolError(
                 f"invalid arguments for {self.name!r}: {exc}", error_type="invalid_arguments"
