@@ -12,12 +12,15 @@ token, 403 ``Origin`` not allowed, 429 too many connections for this user,
 503 server-wide connection cap, 404 unknown path.
 
 ``GET /metrics`` serves the runtime's Prometheus metrics (behind a bearer
-token when ``config.metrics_token`` is set).
+token when ``config.metrics_token`` is set). ``GET /`` serves the web page
+(``netra_actors/web``: static HTML, CSS and JavaScript, no build step).
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
+import importlib.resources
 import logging
 import ssl
 import time
@@ -127,6 +130,33 @@ def upgrade_problem(request: HttpRequest) -> HttpResponse | None:
 
 
 HttpRoute = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+#: The web page's files (folder ``netra_actors/web``, package data) by path, with content type.
+WEB_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/static/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+#: Headers of every web page response (the page has its own Content-Security-Policy).
+WEB_HEADERS = (
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    ("x-frame-options", "DENY"),
+)
+
+
+@functools.cache
+def web_file(name: str) -> bytes:
+    """A file of the web page, read once from the installed package."""
+    return importlib.resources.files("netra_actors").joinpath("web", name).read_bytes()
+
+
+def _web_route(name: str, content_type: str) -> HttpRoute:
+    async def route(request: HttpRequest) -> HttpResponse:
+        await trio.lowlevel.checkpoint()
+        return HttpResponse(200, web_file(name), content_type, WEB_HEADERS)
+
+    return route
 
 
 @attrs.frozen
@@ -257,6 +287,8 @@ class Gateway:
             ("GET", "/healthz"): self._healthz,
             ("GET", "/metrics"): self._metrics,
         }
+        for path, (name, content_type) in WEB_FILES.items():
+            self.routes[("GET", path)] = _web_route(name, content_type)
         self._started = time.monotonic()
         self.accepting = True
         # Connections admitted by this gateway (counted from the handshake checks on,

@@ -141,12 +141,20 @@ async def test_healthz_reports_the_documented_fields(make_config: Callable[..., 
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/nope"), ("GET", "/"), ("POST", "/healthz"), ("GET", "/ws"), ("GET", "/healthz/x")],
+    [
+        ("GET", "/nope"),
+        ("GET", "/index.html"),
+        ("POST", "/"),
+        ("POST", "/healthz"),
+        ("GET", "/ws"),
+        ("GET", "/healthz/x"),
+    ],
 )
 async def test_other_http_requests_get_404_json(
     make_config: Callable[..., Config], method: str, path: str
 ) -> None:
-    """A plain request for anything but GET /healthz (including /ws without upgrade) gets 404 JSON."""
+    """A plain request for anything but the served routes (GET /healthz, /metrics, the page)
+    gets 404 JSON, /ws without an upgrade included."""
     with trio.fail_after(TIMEOUT):
         async with served(make_config()) as server:
             request = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"

@@ -1100,7 +1100,7 @@ def well_formed_heads(draw: st.DrawFn) -> Head:
     if host is None:
         return attrs.evolve(head, expect=frozenset({400}), label="no host", eof=draw(st.booleans()))
     if upgrade is None or upgrade.lower() != "websocket":
-        status = 200 if (method, path) == ("GET", "/healthz") else 404
+        status = 200 if (method, path) in {("GET", "/healthz"), ("GET", "/")} else 404
         return attrs.evolve(
             head, expect=frozenset({status}), label=f"plain {status}", eof=draw(st.booleans())
         )
