@@ -5,30 +5,50 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: run test test-thorough lint install clean
+.PHONY: run test test-thorough lint install clean bench bench-full
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "netra_actors needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,docs]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# The benchmark's extras (websockets, matplotlib) on top; `make test` does not need them.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,docs,bench]'
+	rm -f $(VENV)/.bench-installed-*
+	touch $(BENCH_STAMP)
+
 run: $(STAMP)
 	$(BIN)/netra-actors serve $(ARGS)
 
+# The web page's browser tests need Debian's chromium: installed here when missing
+# (as root), or a message saying what to install.
 test: $(STAMP)
+	scripts/ensure-chromium
 	$(BIN)/python -m pytest $(ARGS)
 
 # Many more hypothesis examples (property, fuzz and model-based tests only).
 test-thorough: $(STAMP)
+	scripts/ensure-chromium
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -m "not network" $(ARGS)
+
+# End-to-end benchmark (issue 7): netra beside its baselines, same run, same machine.
+# Figures in benchmarks/results/latest.{json,md}, charts in docs/bench/.
+# bench: the quick profile (a few minutes on 2 cores); bench-full: everything.
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench_e2e.py --profile quick $(ARGS)
+
+bench-full: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench_e2e.py --profile full $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check netra_actors tests benchmarks
