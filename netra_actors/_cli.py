@@ -1,5 +1,5 @@
 """The ``netra-actors`` command: ``serve`` the demo (or another agent), print a ``token``,
-inspect stored ``runs`` (``runs list``, ``runs show RUN_ID``)."""
+inspect stored ``runs`` (``runs list``, ``runs show RUN_ID``), ``chat`` with a server."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import orjson
 import trio
 
 from ._auth import issue_token, load_secret
+from ._chat import add_arguments as add_chat_arguments
+from ._chat import main as chat_main
 from ._config import Config
 from ._exceptions import NetraError
 from ._messages import Event
@@ -109,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help='print {"run": {...}, "events": [frames]}'
     )
     Config.add_arguments(show, ("data_dir",))
+    chat = commands.add_parser("chat", help="interactive terminal client (or --once TEXT)")
+    add_chat_arguments(chat)
     return parser
 
 
@@ -461,6 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "runs":
             return _runs(args)
+        if args.command == "chat":
+            return chat_main(args)
         if args.command == "token":
             config = Config.from_args(args)
             ttl = args.ttl if args.ttl is not None else config.token_ttl
