@@ -1,0 +1,116 @@
+"""The harness's entry point: run a profile, write JSON, Markdown and charts.
+
+Usage::
+
+    python benchmarks/bench_e2e.py [--profile quick|full|tiny] [--only throughput,latency]
+        [--procs 2] [--out benchmarks/results] [--charts docs/bench]
+    python benchmarks/bench_e2e.py --report-only benchmarks/results/latest.json
+
+Exit status 1 when any stream lost, reordered or failed anything (or a point
+crashed); the figures are written either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from . import report
+from .scenarios import PROFILES, Bench, Profile, parse_only
+from .servers import REPO
+
+
+def raise_open_files(wanted: int) -> int:
+    """Raise the soft open-file limit towards ``wanted`` (inherited by every child)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        soft = min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
+
+
+def run_bench(
+    profile: Profile,
+    out: Path | None,
+    charts: Path | None,
+    only: list[str] | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Run ``profile``; write ``latest.json`` / ``latest.md`` to ``out`` and the charts to
+    ``charts`` (each when given); return the results."""
+    largest = max((*profile.memory_sessions, *profile.throughput_sessions,
+                   *profile.latency_sessions))  # fmt: skip
+    limit = raise_open_files(2 * largest + 1024)
+    if limit < largest + 256:
+        log(f"warning: open-file limit {limit} is too low for {largest:,} connections")
+    began = time.time()
+    meta = report.meta()
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        bench = Bench(profile, Path(tmp), log=log)
+        try:
+            bench.run(only)
+        finally:
+            bench.close()
+    meta["loadavg_end"] = os.getloadavg()
+    points = report.aggregate(bench.rows)
+    report.add_ratios(points, profile.batch)
+    results: dict[str, Any] = {
+        "profile": profile.name,
+        "settings": asdict(profile),
+        "procs": profile.procs,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "wall_s": time.time() - began,
+        "command": " ".join(sys.argv),
+        "meta": meta,
+        "rows": bench.rows,
+        "points": points,
+        "failures": bench.failures,
+    }
+    results["targets"] = report.targets(points, profile.batch)
+    if charts is not None:
+        results["charts"] = [str(p) for p in report.charts(points, charts)]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "latest.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        (out / "latest.md").write_text(report.markdown(results) + "\n")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--only", default=None, help="comma-separated scenarios")
+    parser.add_argument("--procs", type=int, default=None, help="client processes")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--charts", type=Path, default=REPO / "docs" / "bench")
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="run nothing: write the Markdown and the charts again from a results file",
+    )
+    args = parser.parse_args(argv)
+    if args.report_only:
+        results = json.loads(args.report_only.read_text())
+        report.charts(results["points"], args.charts)
+        print(report.markdown(results))
+        return 0
+    profile = PROFILES[args.profile]
+    if args.procs:
+        profile = replace(profile, procs=args.procs)
+    results = run_bench(profile, args.out, args.charts, parse_only(args.only))
+    print()
+    print(report.markdown(results))
+    print(f"wall {results['wall_s']:.0f} s; results in {args.out}, charts in {args.charts}")
+    for failure in results["failures"]:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if results["failures"] else 0
