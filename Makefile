@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: run test test-thorough lint install clean bench bench-full
+.PHONY: run test test-thorough lint install clean bench bench-full docs
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "netra_actors needs Python 3.11 or newer")'
@@ -49,6 +49,10 @@ bench: $(BENCH_STAMP)
 
 bench-full: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_e2e.py --profile full $(ARGS)
+
+# The documentation site (mkdocs, strict): built into site/.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check netra_actors tests benchmarks

@@ -3,7 +3,7 @@
 Run it::
 
     NETRA_ACTORS_SECRET=$(python -c 'import secrets; print(secrets.token_hex(32))') \\
-        uvicorn examples.fastapi_app:app
+        python examples/fastapi_app.py --port 8000     # or: uvicorn examples.fastapi_app:app
     netra-actors token alice          # same NETRA_ACTORS_SECRET
 
 then open ``ws://127.0.0.1:8000/ws?token=...`` with any protocol-v1 client, or
@@ -88,3 +88,20 @@ async def cancel(user_id: str, run_id: str) -> dict[str, str]:
 @app.get("/stats")
 async def stats() -> dict[str, int]:
     return attrs.asdict(runtime.statistics())
+
+
+def main() -> None:
+    """``python examples/fastapi_app.py [--host H] [--port P]``: serve with uvicorn."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="FastAPI app hosting netra_actors")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -29,7 +30,7 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient, WebSocketTestSession
 from starlette.websockets import WebSocket, WebSocketDisconnect
-from wsclient import connect
+from wsclient import connect, http_exchange
 
 from netra_actors import Config, TransportClosed, issue_token
 from netra_actors.aio import AsyncioRuntime
@@ -472,3 +473,56 @@ def test_bad_frames_over_asgi_get_typed_errors_and_the_connection_goes_on(
         assert error["code"] == code
         ws.send_text('{"type": "ping"}')
         assert receive(ws)["type"] == "pong"
+
+
+FASTAPI_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fastapi_app.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_the_fastapi_example_as_documented(tmp_path: Path) -> None:
+    """``python examples/fastapi_app.py --port PORT``: its own route answers beside /ws,
+    where a real WebSocket client with a ``netra-actors token``-style token runs the demo."""
+    port = _free_port()
+    env = {**os.environ, "NETRA_ACTORS_SECRET": TEST_SECRET, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(  # noqa: ASYNC220 (started once, before the client)
+        [sys.executable, str(FASTAPI_EXAMPLE), "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with trio.fail_after(30):
+            while True:  # the server listens once uvicorn has started
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    assert process.poll() is None, "the example exited"
+                    await trio.sleep(0.05)
+                else:
+                    await stream.aclose()
+                    break
+            stats = await http_exchange(port, b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert stats.status == 200
+            assert json.loads(stats.body)["sessions"] == 0
+            async with connect(f"ws://127.0.0.1:{port}/ws?token={token('zoe')}") as client:
+                await client.ready()
+                _, events = await client.run("what is 2+3*4?")
+            assert events[-1]["type"] == "agent_completed"
+            check_lifecycle(client.frames)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        finally:
+            process.kill()
+            assert process.stderr is not None
+            errors = process.stderr.read()
+            process.stderr.close()
+    assert "Traceback" not in errors, errors
