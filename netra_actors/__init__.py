@@ -57,6 +57,15 @@ from ._openai import RetryPolicy as RetryPolicy
 from ._runtime import RunHandle as RunHandle
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStatistics as RuntimeStatistics
+from ._store import MemoryStore as MemoryStore
+from ._store import OpenRun as OpenRun
+from ._store import OpenToolCall as OpenToolCall
+from ._store import RunStore as RunStore
+from ._store import SqliteStore as SqliteStore
+from ._store import StoredRun as StoredRun
+from ._store import StoredSession as StoredSession
+from ._store import StoreError as StoreError
+from ._store import open_store as open_store
 from ._telemetry import JsonLogFormatter as JsonLogFormatter
 from ._telemetry import Telemetry as Telemetry
 from ._tools import EnhancedToolExecutionEngine as EnhancedToolExecutionEngine
@@ -65,6 +74,10 @@ from ._tools import ToolRegistry as ToolRegistry
 from ._tools import UnifiedToolExecutionEngine as UnifiedToolExecutionEngine
 from ._tools import tool as tool
 from ._trace import UnifiedTraceContext as UnifiedTraceContext
+from ._tracker import ExecutionTracker as ExecutionTracker
+from ._tracker import IllegalTransition as IllegalTransition
+from ._tracker import RunSnapshot as RunSnapshot
+from ._tracker import RunState as RunState
 from ._transport import MemoryTransport as MemoryTransport
 from ._transport import Transport as Transport
 from ._transport import TrioWebSocketTransport as TrioWebSocketTransport
@@ -86,31 +99,43 @@ __all__ = [
     "EnhancedToolExecutionEngine",
     "ErrorInfo",
     "Event",
+    "ExecutionTracker",
     "Gateway",
     "GatewayInfo",
     "HttpRequest",
     "HttpResponse",
+    "IllegalTransition",
     "JsonLogFormatter",
     "LLMError",
     "LLMManager",
     "LLMProvider",
     "MemoryConversationStore",
+    "MemoryStore",
     "MemoryTransport",
     "NetraError",
     "OpenAIChatProvider",
+    "OpenRun",
+    "OpenToolCall",
     "ProtocolError",
     "ReasoningDelta",
     "RetryPolicy",
     "RunHandle",
     "RunNotFound",
     "RunRefused",
+    "RunSnapshot",
+    "RunState",
+    "RunStore",
     "Runtime",
     "RuntimeClosed",
     "RuntimeMetrics",
     "RuntimeStatistics",
     "ScriptedLLMProvider",
     "ScriptedTurn",
+    "SqliteStore",
     "StepLimitExceeded",
+    "StoreError",
+    "StoredRun",
+    "StoredSession",
     "Telemetry",
     "TextDelta",
     "Tool",
@@ -132,6 +157,7 @@ __all__ = [
     "issue_token",
     "load_secret",
     "memory_transport_pair",
+    "open_store",
     "serve",
     "tool",
     "tool_calling_agent",
