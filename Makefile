@@ -30,15 +30,15 @@ $(BENCH_STAMP): $(STAMP)
 run: $(STAMP)
 	$(BIN)/netra-actors serve $(ARGS)
 
-# The web page's browser tests need Debian's chromium: installed here when missing
+# The browser tests need Debian's chromium, the chat client's tmux test tmux: installed here when missing
 # (as root), or a message saying what to install.
 test: $(STAMP)
-	scripts/ensure-chromium
+	scripts/ensure-test-tools
 	$(BIN)/python -m pytest $(ARGS)
 
 # Many more hypothesis examples (property, fuzz and model-based tests only).
 test-thorough: $(STAMP)
-	scripts/ensure-chromium
+	scripts/ensure-test-tools
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -m "not network" $(ARGS)
 
 # End-to-end benchmark (issue 7): netra beside its baselines, same run, same machine.

@@ -171,6 +171,7 @@ class Runtime:
             store=store,
             conversations=conversations if conversations is not None else MemoryConversationStore(),
             telemetry=self.telemetry,
+            run_store=self.store,
             tracker=self.tracker,
             run_timeouts=dict(run_timeouts or {}),
         )

@@ -286,7 +286,8 @@ class SessionSequencer:
         self.window._last_seq = last_seq
         self._store = store
         #: The oldest ``seq`` the store still holds (None: no readable store).
-        self.stored_from: int | None = stored_from if isinstance(store, EventReader) else None
+        self._reader = store if isinstance(store, EventReader) else None
+        self.stored_from: int | None = stored_from if self._reader is not None else None
         #: Called with each batch once it is published (synchronously: keep them cheap).
         self._observers = tuple(observers)
         #: Seconds a busy stream waits to be published as one batch (0: never).
@@ -309,11 +310,11 @@ class SessionSequencer:
         Raises:
             SubscriptionLagged: the store cannot serve them (none, or pruned).
         """
-        store = self._store
-        if isinstance(store, EventReader) and self.stored_from is not None:
+        reader = self._reader
+        if reader is not None and self.stored_from is not None:
             # Never past the window's start: the window is served from memory.
             limit = min(limit, self.window.oldest_seq - 1 - after_seq)
-            events = await store.events_after(self.session_id, after_seq, limit)
+            events = await reader.events_after(self.session_id, after_seq, limit)
             if events and events[0].seq == after_seq + 1:
                 return events
         raise SubscriptionLagged(

@@ -70,6 +70,9 @@ class SessionServices:
     llm: LLMManager
     config: Config = attrs.field(factory=Config)
     store: EventStore | None = None
+    #: ``store`` when it is a full ``RunStore`` (checked once: a runtime-checkable
+    #: isinstance costs tens of microseconds, too much for every admission).
+    run_store: RunStore | None = None
     conversations: ConversationStore | None = None
     telemetry: Telemetry = attrs.field(factory=Telemetry)
     tracker: ExecutionTracker = attrs.field(factory=ExecutionTracker)
@@ -523,8 +526,8 @@ class Session:
                         "limit_exceeded",
                         f"thread {thread!r} already has {len(waiting)} queued runs",
                     )
-            store = self._services.store
-            if isinstance(store, RunStore):
+            store = self._services.run_store
+            if store is not None:
                 # Before the answer: a run the client was told about is closed on restart
                 # even if the process dies before it starts.
                 try:

@@ -248,22 +248,7 @@ class AsyncioRuntime:
         """``call``; ``discard`` receives a result that came too late for a cancelled caller."""
         if self._nursery is None or self._done is None or self._done.done():
             raise RuntimeClosed("the runtime is not running")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        scope = trio.CancelScope()
-        try:
-            # A synchronous Trio call from the host thread: allowed in guest mode.
-            self._nursery.start_soon(_run_call, future, scope, async_fn, args)
-        except RuntimeError:  # the nursery closed: the runtime is stopping
-            raise RuntimeClosed("the runtime is not running") from None
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            if not future.done():
-                scope.cancel()
-                await asyncio.wait((future,))
-            if discard is not None and not future.cancelled() and future.exception() is None:
-                discard(future.result())
-            raise
+        return await _call_in(self._nursery, async_fn, args, discard)
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -547,24 +532,35 @@ def asyncio_tool(
 
 
 async def _call_in(
-    nursery: trio.Nursery, async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]
+    nursery: trio.Nursery,
+    async_fn: Callable[..., Awaitable[T]],
+    args: tuple[Any, ...],
+    discard: Callable[[T], object] | None = None,
 ) -> T:
     """From asyncio code (the host thread): run the Trio ``async_fn(*args)`` in ``nursery``.
 
-    Cancelling the asyncio caller cancels the Trio task and waits for it to end.
+    Cancelling the asyncio caller cancels the Trio task and waits for it to end;
+    ``discard`` receives a result that came too late for the cancelled caller.
+
+    Raises:
+        RuntimeClosed: the nursery is closed (the runtime or the run is over), or it
+            stopped before the call finished.
     """
     future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
     scope = trio.CancelScope()
     try:
+        # A synchronous Trio call from the host thread: allowed in guest mode.
         nursery.start_soon(_run_call, future, scope, async_fn, args)
-    except RuntimeError:  # the nursery closed: the run is over
-        raise RuntimeClosed("the run is over") from None
+    except RuntimeError:  # the nursery closed
+        raise RuntimeClosed("the runtime is not running") from None
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         if not future.done():
             scope.cancel()
             await asyncio.wait((future,))
+        if discard is not None and not future.cancelled() and future.exception() is None:
+            discard(future.result())
         raise
 
 

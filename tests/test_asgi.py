@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -171,17 +170,24 @@ def test_an_async_authenticate_hook(make_config: MakeConfig) -> None:
         assert refused.value.code == 1008
 
 
-def test_client_disconnect_ends_the_connection(served: tuple[TestClient, AsyncioRuntime]) -> None:
-    """When the client goes away the connection actor ends; the runtime counts no connection."""
-    client, runtime = served
-    with client.websocket_connect(f"/ws?token={token('gus')}") as ws:
-        receive(ws)
-        assert runtime.statistics().connections == 1
-    for _ in range(500):
-        if runtime.statistics().connections == 0:
-            break
-        time.sleep(0.01)
-    assert runtime.statistics().connections == 0
+def test_client_disconnect_ends_the_connection(make_config: MakeConfig) -> None:
+    """When the client goes away the connection actor ends: the runtime counts no
+    connection, and the idle session then closes (awaited on the Trio side, no polling)."""
+    app, runtime = make_app(make_config(idle_session_grace=0.05))
+    with TestClient(app) as client:
+        with client.websocket_connect(f"/ws?token={token('gus')}") as ws:
+            receive(ws)
+            assert runtime.statistics().connections == 1
+            session = runtime.runtime.manager.session_for("gus")
+            assert session is not None
+
+        async def closed() -> None:
+            with trio.fail_after(10):  # the session closes only after its last connection
+                await session.wait_closed()
+
+        client.portal.call(runtime.call, closed)
+        assert runtime.statistics().connections == 0
+        assert runtime.statistics().sessions == 0
 
 
 def test_shutdown_closes_connections_with_going_away(make_config: MakeConfig) -> None:

@@ -447,9 +447,11 @@ def test_no_secret_is_created_for_a_client(tmp_path: Path) -> None:
 
 
 @pytest.mark.network
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 async def test_interactive_session_under_tmux(live_server: LiveServer, tmp_path: Path) -> None:
     """Ask, then cancel a run with Ctrl-C, then quit with Ctrl-C at the prompt."""
+    assert shutil.which("tmux"), (
+        "tmux is missing: `make test` installs it (scripts/ensure-test-tools)"
+    )
     session = f"netra-chat-{os.getpid()}"
     status = tmp_path / "status"
     command = " ".join(

@@ -3,8 +3,8 @@
 Each ```python block of the pages in ``PAGES`` is executed as a script (``__main__``) in
 a fresh folder. Blocks that connect to ``ws://127.0.0.1:8765/ws`` with
 ``"PASTE-TOKEN-HERE"`` are pointed at a real demo server (in a thread of its own, with a
-free port) and given a valid token. A block preceded by ``<!-- no-test -->`` needs a
-network or a real LLM: it is compiled only (keep those rare). The blocks of
+free port) and given a valid token; blocks that call an OpenAI-compatible endpoint get a
+local fake one. None is exempt. The blocks of
 embedding.md that test_aio.py and test_asgi.py run with their own checks, and the
 README's (test_docs_examples.py), are left to those tests.
 """
@@ -67,27 +67,25 @@ DOC_TOKEN = "PASTE-TOKEN-HERE"
 #: An example that talks to this OpenAI-compatible endpoint gets a fake one instead.
 DOC_LLM = "http://127.0.0.1:8000/v1"
 SECRET = "docs-examples-secret-0123456789abcdef"
-NO_TEST = "<!-- no-test -->"
 
 _BLOCK = re.compile(r"(?P<before>[^\n]*)\n+```python\n(?P<code>.*?)```", re.S)
 
 
-def python_blocks(text: str) -> list[tuple[int, str, bool]]:
-    """``(line, code, skipped)`` of each ```python block; skipped when marked no-test."""
-    found = []
-    for match in _BLOCK.finditer(text):
-        line = text.count("\n", 0, match.start("code")) + 1
-        found.append((line, match.group("code"), match.group("before").strip() == NO_TEST))
-    return found
+def python_blocks(text: str) -> list[tuple[int, str]]:
+    """``(line, code)`` of each ```python block: every one of them runs."""
+    return [
+        (text.count("\n", 0, match.start("code")) + 1, match.group("code"))
+        for match in _BLOCK.finditer(text)
+    ]
 
 
 def _cases() -> list[Any]:
     cases = []
     for page in PAGES:
-        for line, code, skipped in python_blocks((DOCS / page).read_text()):
+        for line, code in python_blocks((DOCS / page).read_text()):
             if any(marker in code for marker in ELSEWHERE.get(page, ())):
                 continue
-            cases.append(pytest.param(page, line, code, skipped, id=f"{page}:{line}"))
+            cases.append(pytest.param(page, line, code, id=f"{page}:{line}"))
     return cases
 
 
@@ -177,12 +175,11 @@ def _run_block(code: str, name: str) -> dict[str, Any]:
     return namespace
 
 
-@pytest.mark.parametrize(("page", "line", "code", "skipped"), _cases())
+@pytest.mark.parametrize(("page", "line", "code"), _cases())
 def test_docs_python_example_runs(
     page: str,
     line: int,
     code: str,
-    skipped: bool,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -190,10 +187,6 @@ def test_docs_python_example_runs(
 ) -> None:
     """The example runs to the end without an exception (in a fresh folder)."""
     name = f"docs/{page}:{line}"
-    compiled = compile(code, name, "exec")
-    if skipped:
-        assert compiled is not None
-        pytest.skip(f"{name} is marked {NO_TEST} (needs a network or a real LLM): compiled only")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NETRA_ACTORS_SECRET", raising=False)
     if DOC_URL in code or DOC_TOKEN in code:
@@ -280,7 +273,7 @@ def test_tutorial_examples_print_what_the_tutorial_says(
     """The first agent answers HELLO ACTORS; the first tool counts three words; the
     model-driven tool run ends with the word count."""
     monkeypatch.chdir(tmp_path)
-    blocks = [code for _, code, _ in python_blocks((DOCS / "tutorial.md").read_text())]
+    blocks = [code for _, code in python_blocks((DOCS / "tutorial.md").read_text())]
     echo = next(b for b in blocks if "async def echo" in b)
     _run_block(echo, "echo")
     assert "HELLO ACTORS" in capsys.readouterr().out.splitlines()[-1]
@@ -292,12 +285,6 @@ def test_tutorial_examples_print_what_the_tutorial_says(
     lines = capsys.readouterr().out.splitlines()
     assert "tool_completed" in lines[0]
     assert lines[-1] == "That is 4 words."
-
-
-def test_no_test_markers_are_rare() -> None:
-    """At most a few examples are exempt (compiled only)."""
-    skipped = [case for case in _cases() if case.values[3]]
-    assert len(skipped) <= 3, [case.id for case in skipped]
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ fresh browser context and fails on any JavaScript error (``pageerror``) or conso
 error. Screenshots go to ``test-artifacts/``.
 
 The browser is Debian's ``chromium`` package at /usr/bin/chromium (``make test`` runs
-scripts/ensure-chromium, which installs it when it can); Playwright never downloads
+scripts/ensure-test-tools, which installs it when it can); Playwright never downloads
 one. Without it these tests fail, saying what to install: they are never skipped.
 """
 
@@ -109,7 +109,7 @@ def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.fail(
             f"the browser tests need {CHROMIUM}: install Debian's chromium package "
-            "(apt-get install chromium, as root; `make test` runs scripts/ensure-chromium)",
+            "(apt-get install chromium, as root; `make test` runs scripts/ensure-test-tools)",
             pytrace=False,
         )
     playwright: Playwright = sync_playwright().start()
