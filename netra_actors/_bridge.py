@@ -29,6 +29,7 @@ from ._messages import (
     ToolInbox,
     ToolResult,
 )
+from ._sequencer import Emitter
 from ._trace import UnifiedTraceContext
 
 #: Backstop for a run waiting on its cancelled tool. The executor answers within
@@ -52,7 +53,7 @@ class AgentWebSocketBridge:
         self,
         request: StartRun,
         *,
-        emit: trio.MemorySendChannel[EmitEvent],
+        emit: Emitter,
         tools: trio.MemorySendChannel[ToolInbox],
         llm: LLMManager,
         tool_specs: Sequence[ToolSpec],

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, cast
 
 import trio
@@ -187,66 +187,69 @@ class Connection:
                     await self.transport.abort()
             self.done.set()
 
-    async def _send_many(self, texts: Sequence[str]) -> None:
-        """Send ``texts`` as consecutive frames: one write when the transport can
-        (``send_timeout`` then bounds the write), else frame by frame."""
-        if len(texts) > 1 and self._coalesces:
-            transport = cast(CoalescingTransport, self.transport)
-            await self._bounded(transport.send_texts(texts))
-        else:
-            for text in texts:
-                await self._bounded(self.transport.send_text(text))
-
-    async def _send(self, text: str) -> None:
-        await self._bounded(self.transport.send_text(text))
-
-    async def _bounded(self, send: Awaitable[None]) -> None:
+    async def _write(self, frames: Sequence[str], limit: trio.CancelScope) -> None:
+        """Send ``frames`` as consecutive frames: one write when the transport can,
+        else frame by frame. ``limit`` (the writer's scope) gets a deadline of
+        ``send_timeout`` per write: a write that makes no progress by then cancels
+        the writer, which aborts the connection."""
+        timeout = self.config.send_timeout
         self._sending = True
-        with trio.move_on_after(self.config.send_timeout):
-            try:
-                await send
-            finally:
-                self._sending = False
-            return
-        # The peer has not taken one frame for send_timeout seconds. The send was
-        # cancelled mid-frame, so the connection cannot be used again: abort it.
-        raise _Close(CLOSE_ABNORMAL, abort=True)
+        try:
+            if len(frames) > 1 and self._coalesces:
+                limit.deadline = trio.current_time() + timeout
+                await cast(CoalescingTransport, self.transport).send_texts(frames)
+            else:
+                for frame in frames:
+                    limit.deadline = trio.current_time() + timeout
+                    await self.transport.send_text(frame)
+        finally:
+            self._sending = False
+            limit.deadline = math.inf
 
     async def _writer(self, sub: Subscription) -> tuple[int, bool]:
         """Send direct frames and events in order; ``(close code, abort)`` when done.
 
-        Write coalescing: after a batch of several events (a burst), if the next
-        follows closely, the writer waits ``write_linger`` seconds before taking
-        it, so what accumulates meanwhile goes out in one write (one system call)
-        instead of one per event. A quiet stream's events go out at once.
+        Direct frames (replies) go first, in the same write as the events that
+        were waiting with them. Write coalescing: while a stream keeps producing
+        (the previous write was less than ten lingers ago), the writer waits
+        ``write_linger`` seconds before taking the next batch, so what
+        accumulates meanwhile goes out in one write (one system call) instead of
+        one per event. A quiet stream's first event, and any reply, go out at once.
+
+        A write that makes no progress for ``send_timeout`` seconds is never
+        cancelled and then reused (that would tear a frame): the connection is
+        aborted (1006).
         """
         linger = self.config.write_linger
         previous, busy = -math.inf, False
+        limit = trio.CancelScope()
         try:
-            while True:
-                if busy and trio.current_time() - previous < 10 * linger:
-                    await sub.linger(linger)
-                batch = await sub.next_batch()
-                if batch is None:
-                    return CLOSE_GOING_AWAY, False
-                previous = trio.current_time()
-                direct, events = batch
-                # A burst: several events were waiting at once.
-                busy = linger > 0 and len(events) > 1
-                if direct:
-                    await self._send_many(direct)
-                if self._close_after_replies is not None:
-                    # Send every reply queued up to the closing error, then close.
-                    await self._send_many(sub.take_direct())
-                    return self._close_after_replies, False
-                if self.batch == 1 or len(events) == 1:
-                    frames = [event.frame for event in events]
-                else:
-                    frames = list(_batched(events, self.batch))
-                for start in range(0, len(frames), _WRITE_FRAMES):
-                    await self._send_many(frames[start : start + _WRITE_FRAMES])
-                if events:
-                    self.session._services.telemetry.events_delivered(len(events))
+            with limit:
+                while True:
+                    if busy and trio.current_time() - previous < 10 * linger:
+                        await sub.linger(linger)
+                    batch = await sub.next_batch()
+                    if batch is None:
+                        return CLOSE_GOING_AWAY, False
+                    previous = trio.current_time()
+                    direct, events = batch
+                    # A stream that is producing: events keep coming.
+                    busy = linger > 0 and bool(events)
+                    if self._close_after_replies is not None:
+                        # Send every reply queued up to the closing error, then close.
+                        await self._write(direct + sub.take_direct(), limit)
+                        return self._close_after_replies, False
+                    if self.batch == 1 or len(events) == 1:
+                        frames = direct + [event.frame for event in events]
+                    else:
+                        frames = direct + list(_batched(events, self.batch))
+                    for start in range(0, len(frames), _WRITE_FRAMES):
+                        await self._write(frames[start : start + _WRITE_FRAMES], limit)
+                    if events:
+                        self.session._services.telemetry.events_delivered(len(events))
+            # Only a write past its deadline leaves the loop this way: the frame may
+            # be half-written, so the connection cannot be used again.
+            return CLOSE_ABNORMAL, True
         except TransportClosed as exc:
             return exc.code or 1000, False
         except SubscriptionLagged:

@@ -6,6 +6,14 @@ One ``SessionSequencer`` per session stamps every event with a gap-free
 connection actor's writer, or an in-process run handle): fan-out costs the
 sequencer one append and one wake-up per reader, and a slow reader never blocks
 the sequencer or another reader.
+
+Emitters (run tasks, the tool executor, the agent actor) hold ``EventSender``
+handles. Sending stamps the event in the sender's own step, so an event costs
+no task hop before the store: the order of ``send`` calls is the order of
+``seq``, because all of them run in the session's one trio thread. With a store,
+stamped events are handed to it as one batch at a time (what piles up while a
+commit is in flight is the next batch: group commit without a timer) and reach
+the window only once the store has them.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -128,6 +137,23 @@ class EventStore(Protocol):
     """
 
     async def append(self, session_id: str, events: Sequence[Event]) -> None: ...
+
+
+@runtime_checkable
+class SoonEventStore(Protocol):
+    """A store that can take a batch without a task waiting on it (``SqliteStore``,
+    ``MemoryStore``): ``append_soon`` queues the write and calls ``done`` from the
+    trio thread once the events are durable (``None``) or the write failed (the
+    error). Batches of one session are committed, and ``done`` called, in the
+    order they were queued. The sequencer then needs no task of its own per batch.
+    """
+
+    def append_soon(
+        self,
+        session_id: str,
+        events: Sequence[Event],
+        done: Callable[[BaseException | None], None],
+    ) -> None: ...
 
 
 @runtime_checkable
@@ -260,14 +286,24 @@ class Subscription:
 
 
 class SessionSequencer:
-    """The sequencer actor of one session.
+    """The sequencer of one session.
 
-    Receives ``EmitEvent`` messages in arrival order, stamps ``seq`` (gap-free,
-    from ``last_seq + 1``) and ``ts``, encodes each frame once, persists the
-    batch (when a store is set), appends it to the window and wakes the
-    subscriptions. Ends when every sender of its inbox is closed, after the last
-    event has been appended; cancelling it loses only events not yet stamped.
+    ``publish`` (through an ``EventSender``) stamps ``seq`` (gap-free, from
+    ``last_seq + 1``) and ``ts`` and encodes the frame once, in the caller's
+    step. Without a store the event enters the window and wakes the
+    subscriptions at once. With a store it waits for the store first: one batch
+    in flight at a time, the events stamped meanwhile forming the next batch.
+    The stream ends once every sender is closed (and the inbox given to ``run``,
+    if any, is exhausted) and the last stamped event has been published.
+
+    ``run`` is the sequencer's task: it waits for the end, drives stores that
+    only have ``append`` (and an optional inbox channel), and raises the store's
+    error if a write fails (the session then ends). Cancelling it ends the
+    stream; events stamped but not yet stored are lost to readers.
     """
+
+    #: Stamped events that may wait for the store before senders are held back.
+    MAX_UNSTORED = 4096
 
     def __init__(
         self,
@@ -285,17 +321,27 @@ class SessionSequencer:
         self.window = ReplayWindow(window_events, window_max_age)
         self.window._last_seq = last_seq
         self._store = store
+        #: The store's callback-style append, when it has one (checked once).
+        self._append_soon = store.append_soon if isinstance(store, SoonEventStore) else None
         #: The oldest ``seq`` the store still holds (None: no readable store).
         self._reader = store if isinstance(store, EventReader) else None
         self.stored_from: int | None = stored_from if self._reader is not None else None
         #: Called with each batch once it is published (synchronously: keep them cheap).
         self._observers = tuple(observers)
-        #: Seconds a busy stream waits to be published as one batch (0: never).
+        #: Seconds a busy stream waits to form a batch, for stores with only ``append``.
         self.linger = linger
         self._subscriptions: set[Subscription] = set()
         self.ended = False
-        self._inbox: trio.MemoryReceiveChannel[EmitEvent] | None = None
+        #: The ``seq`` of the newest stamped event (published or waiting for the store).
+        self._stamped = last_seq
+        self._unstored: list[Event] = []  # stamped, not yet handed to the store
+        self._in_flight = 0  # events handed to the store, not yet committed
+        self._senders = 0
+        self._inbox_open = False
         self._room = trio.Event()
+        self._kick = trio.Event()  # wakes ``run`` (a batch to store, or the end)
+        self._finished = trio.Event()
+        self._failure: BaseException | None = None
         self.paced_waits = 0
 
     @property
@@ -324,8 +370,8 @@ class SessionSequencer:
     def subscribe(self, after_seq: int | None = None, *, paces: bool = True) -> Subscription:
         """A new reader whose cursor starts after ``after_seq`` (default: the newest event).
 
-        A pacing reader (``paces``) holds the producer back when even the
-        fastest pacing reader is a whole window behind (see ``run``).
+        A pacing reader (``paces``) holds the producers back when even the
+        fastest pacing reader is a whole window behind (see ``room``).
         """
         sub = Subscription(
             self, self.window.last_seq if after_seq is None else after_seq, paces=paces
@@ -340,70 +386,252 @@ class SessionSequencer:
         self._room.set()
 
     def room(self) -> int:
-        """How many events may be appended before a pacing reader would lose one."""
+        """How many events may be stamped before a pacing reader would lose one.
+
+        Pacing: producers are held back only when the window is full of events
+        that no pacing reader has taken yet, so they run at the speed of the
+        fastest reader, never of a slower one (which falls out of the window and
+        is told so). With no pacing reader, nothing holds them back.
+        """
         leads = [sub.cursor for sub in self._subscriptions if sub.paces]
         if not leads:
             return self.window.capacity
-        return self.window.capacity - (self.window.last_seq - max(leads))
+        return self.window.capacity - (self._stamped - max(leads))
 
-    async def _wait_for_room(self) -> int:
-        while (room := self.room()) <= 0:
+    def accepting(self) -> bool:
+        """Whether an event can be stamped now (room for readers, store keeping up)."""
+        return len(self._unstored) < self.MAX_UNSTORED and self.room() > 0
+
+    def sender(self) -> EventSender:
+        """A new open sending handle; the stream ends once every handle is closed."""
+        if self.ended:
+            raise trio.BrokenResourceError("the session's stream has ended")
+        self._senders += 1
+        return EventSender(self)
+
+    async def wait_to_send(self) -> None:
+        """Wait until ``accepting``.
+
+        Raises:
+            trio.BrokenResourceError: the stream ended meanwhile.
+        """
+        while not self.accepting():
+            if self.ended:
+                raise trio.BrokenResourceError("the session's stream has ended")
             self.paced_waits += 1
-            self._room = trio.Event()
+            if self._room.is_set():
+                # Stale; a waiter that is already waiting keeps the unset one it shares.
+                self._room = trio.Event()
             await self._room.wait()
-        return room
+        if self.ended:
+            raise trio.BrokenResourceError("the session's stream has ended")
+
+    def publish(self, msg: EmitEvent) -> None:
+        """Stamp ``msg`` as the next event and publish it (after the store, if any).
+
+        Synchronous: callers check ``accepting`` (or ``wait_to_send``) first.
+        """
+        seq = self._stamped = self._stamped + 1
+        event = stamp(msg, seq, time.time())
+        if self._store is None:
+            self._publish([event])
+            return
+        self._unstored.append(event)
+        if not self._in_flight:
+            self._submit()
+
+    def _submit(self) -> None:
+        """Hand the stamped events to the store as one batch."""
+        append_soon = self._append_soon
+        if append_soon is None:
+            self._kick.set()  # ``run`` awaits the store's ``append``
+            return
+        batch, self._unstored = self._unstored, []
+        self._in_flight = len(batch)
+        append_soon(self.session_id, batch, partial(self._committed, batch))
+
+    def _committed(self, batch: list[Event], error: BaseException | None) -> None:
+        """The store has ``batch`` (or failed to take it): publish, then send the next."""
+        self._in_flight = 0
+        if error is not None:
+            if self._failure is None:
+                self._failure = error
+            self._kick.set()
+            return
+        if not self.ended:
+            self._publish(batch)
+        self._room_changed()
+        if self._unstored:
+            self._submit()
+        elif self._senders == 0 and not self._inbox_open:
+            self._kick.set()
+
+    def _publish(self, events: list[Event]) -> None:
+        window = self.window
+        for event in events:
+            window.append(event)
+        for observe in self._observers:
+            observe(events)
+        for sub in self._subscriptions:
+            sub.notify()
+
+    def _sender_closed(self) -> None:
+        self._senders -= 1
+        if self._senders == 0:
+            self._kick.set()
+
+    @property
+    def _drained(self) -> bool:
+        return not self._unstored and not self._in_flight
 
     def statistics(self) -> SequencerStatistics:
         return SequencerStatistics(
             last_seq=self.window.last_seq,
             window_events=len(self.window),
             subscriptions=len(self._subscriptions),
-            backlog=self._inbox.statistics().current_buffer_used if self._inbox else 0,
+            backlog=len(self._unstored) + self._in_flight,
         )
 
-    async def run(self, inbox: trio.MemoryReceiveChannel[EmitEvent]) -> None:
-        """Stamp and publish events until ``inbox`` is closed by all its senders.
+    async def run(self, inbox: trio.MemoryReceiveChannel[EmitEvent] | None = None) -> None:
+        """The sequencer's task: runs until the stream has ended (see the class docstring).
 
-        Pacing: the producer is held back only when the window is full of events
-        that no pacing reader has taken yet, so it runs at the speed of the
-        fastest reader, never of a slower one (which falls out of the window and
-        is told so). With no pacing reader, nothing holds it back.
+        ``inbox``: optional messages to stamp besides the senders' (the stream
+        does not end before it is exhausted).
+
+        Raises:
+            Exception: the store's error, if a write failed.
         """
-        self._inbox = inbox
         try:
-            previous = -math.inf
-            async for first in inbox:
-                room = await self._wait_for_room()
-                if self.linger and trio.current_time() - previous < 10 * self.linger:
-                    # A busy stream: let it accumulate, then publish it as one batch
-                    # (one store write, one wake-up per reader).
-                    await trio.sleep(self.linger)
-                else:
-                    # One more turn for the producers, for one reschedule.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                batch = [first]
-                # Drain what is already queued: one store write and one wake-up per batch.
-                while len(batch) < min(room, 512):
-                    try:
-                        batch.append(inbox.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                ts = time.time()
-                seq = self.window.last_seq
-                events = []
-                for msg in batch:
-                    seq += 1
-                    events.append(stamp(msg, seq, ts))
-                if self._store is not None:
-                    await self._store.append(self.session_id, events)
-                for event in events:
-                    self.window.append(event)
-                for observe in self._observers:
-                    observe(events)
-                for sub in self._subscriptions:
-                    sub.notify()
-                previous = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                if inbox is not None:
+                    self._inbox_open = True
+                    nursery.start_soon(self._drain_inbox, inbox)
+                await self._serve()
+                nursery.cancel_scope.cancel()
         finally:
             self.ended = True
+            self._finished.set()
+            self._room_changed()
             for sub in self._subscriptions:
                 sub.notify()
+
+    async def _drain_inbox(self, inbox: trio.MemoryReceiveChannel[EmitEvent]) -> None:
+        try:
+            async for msg in inbox:
+                await self.wait_to_send()
+                self.publish(msg)
+        finally:
+            self._inbox_open = False
+            self._kick.set()
+
+    async def _serve(self) -> None:
+        previous = -math.inf
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            if self._append_soon is None and self._unstored:
+                assert self._store is not None
+                if self.linger and trio.current_time() - previous < 10 * self.linger:
+                    # A busy stream: let it accumulate, then store it as one batch.
+                    await trio.sleep(self.linger)
+                batch, self._unstored = self._unstored, []
+                self._in_flight = len(batch)
+                try:
+                    await self._store.append(self.session_id, batch)
+                except BaseException:
+                    self._in_flight = 0
+                    raise
+                self._committed(batch, None)
+                previous = trio.current_time()
+                continue
+            if self._senders == 0 and not self._inbox_open and self._drained:
+                return
+            self._kick = trio.Event()
+            await self._kick.wait()
+
+
+class EventSender:
+    """A handle emitters send a session's events with.
+
+    It has the part of ``trio.MemorySendChannel``'s API that emitters use
+    (``send``, ``send_nowait``, ``clone``, ``close``/``aclose``, context
+    managers), so code written against a channel works unchanged. ``send`` is
+    always a cancellation point (a cancelled send sends nothing) but a
+    scheduling point only every ``YIELD_EVERY`` events, or when it waits: a
+    streamed token then costs one task switch less, while a sender that never
+    awaits anything else still lets the rest of the runtime run. It waits only
+    while the session's pacing readers or its store are a full backlog behind.
+    Owned by one task; clone it for another.
+    """
+
+    __slots__ = ("_closed", "_sends", "_sequencer")
+
+    #: ``send`` lets other tasks run at least once every this many events.
+    YIELD_EVERY = 8
+
+    def __init__(self, sequencer: SessionSequencer) -> None:
+        self._sequencer = sequencer
+        self._closed = False
+        self._sends = 0
+
+    async def send(self, msg: EmitEvent) -> None:
+        """Stamp and publish ``msg`` as the session's next event.
+
+        Raises:
+            trio.ClosedResourceError: this handle was closed.
+            trio.BrokenResourceError: the session's stream has ended.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closed:
+            raise trio.ClosedResourceError
+        sequencer = self._sequencer
+        if sequencer.ended or not sequencer.accepting():
+            await sequencer.wait_to_send()
+        sequencer.publish(msg)
+        self._sends += 1
+        if not self._sends % self.YIELD_EVERY:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def send_nowait(self, msg: EmitEvent) -> None:
+        """``send`` without waiting. Raises ``trio.WouldBlock`` when it would wait."""
+        if self._closed:
+            raise trio.ClosedResourceError
+        sequencer = self._sequencer
+        if sequencer.ended:
+            raise trio.BrokenResourceError("the session's stream has ended")
+        if not sequencer.accepting():
+            raise trio.WouldBlock
+        sequencer.publish(msg)
+
+    def clone(self) -> EventSender:
+        """Another open handle on the same stream."""
+        if self._closed:
+            raise trio.ClosedResourceError
+        return self._sequencer.sender()
+
+    def close(self) -> None:
+        """Close this handle; idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._sequencer._sender_closed()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def __enter__(self) -> EventSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> EventSender:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+#: What emitters are given: the session's ``EventSender`` (or, in tests and for
+#: code that drives a sequencer through ``run(inbox)``, a plain memory channel).
+Emitter = EventSender | trio.MemorySendChannel[EmitEvent]

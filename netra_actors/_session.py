@@ -46,7 +46,7 @@ from ._messages import (
     ThreadPolicy,
     ToolInbox,
 )
-from ._sequencer import EventStore, SessionSequencer, Subscription
+from ._sequencer import Emitter, EventStore, SessionSequencer, Subscription
 from ._store import RunStore, StoredRun, StoreError
 from ._telemetry import Telemetry
 from ._tools import UnifiedToolExecutionEngine, run_tool_executor
@@ -56,7 +56,6 @@ from ._tracker import ExecutionTracker
 logger = logging.getLogger("netra_actors.session")
 
 INBOX_CAPACITY = 64
-EVENT_INBOX_CAPACITY = 256
 _T = TypeVar("_T")
 
 
@@ -240,7 +239,7 @@ class Session:
             linger=config.write_linger,
         )
         self.rate_limiter = RateLimiter(config.rate_limit, config.rate_burst)
-        self._emit_send, self._emit_recv = trio.open_memory_channel[EmitEvent](EVENT_INBOX_CAPACITY)
+        self._emit_send = self.sequencer.sender()
         self._agent_send, self._agent_recv = trio.open_memory_channel[AgentInbox](INBOX_CAPACITY)
         self._tool_send, self._tool_recv = trio.open_memory_channel[ToolInbox](INBOX_CAPACITY)
         self._nursery: trio.Nursery | None = None
@@ -296,7 +295,7 @@ class Session:
 
     async def _run_sequencer(self) -> None:
         try:
-            await self.sequencer.run(self._emit_recv)
+            await self.sequencer.run()
         finally:
             self._sequencer_done.set()
             self._changed()
@@ -459,7 +458,7 @@ class Session:
     # -- the agent actor ------------------------------------------------------------------
 
     async def _agent_actor(
-        self, inbox: trio.MemoryReceiveChannel[AgentInbox], emit: trio.MemorySendChannel[EmitEvent]
+        self, inbox: trio.MemoryReceiveChannel[AgentInbox], emit: Emitter
     ) -> None:
         """Admits runs, applies the thread policies, queues, starts and cancels runs.
 
@@ -600,7 +599,7 @@ class Session:
         self,
         start: StartRun,
         control: _RunControl,
-        emit: trio.MemorySendChannel[EmitEvent],
+        emit: Emitter,
         finished: trio.MemorySendChannel[AgentInbox],
     ) -> None:
         """Run the agent inside the run's cancel scope and emit its lifecycle events.
@@ -639,7 +638,7 @@ class Session:
         self,
         start: StartRun,
         control: _RunControl,
-        emit: trio.MemorySendChannel[EmitEvent],
+        emit: Emitter,
         finished: trio.MemorySendChannel[AgentInbox],
         event: Callable[[str, dict[str, Any]], EmitEvent],
         emit_shielded: Callable[[EmitEvent | RunFinished], Any],

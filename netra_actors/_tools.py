@@ -35,6 +35,7 @@ from ._messages import (
     ToolStatus,
 )
 from ._protocol import TOOL_ERROR_TYPES
+from ._sequencer import Emitter
 from ._telemetry import Telemetry
 from ._tool_schema import ArgumentValidator, schema_for
 
@@ -226,7 +227,7 @@ class UnifiedToolExecutionEngine:
         #: Receives a span per tool call (set by the runtime).
         self.telemetry = Telemetry()
 
-    async def announce(self, state: ToolCallState, emit: trio.MemorySendChannel[EmitEvent]) -> None:
+    async def announce(self, state: ToolCallState, emit: Emitter) -> None:
         """Emit the call's ``tool_executing`` (with secret-looking parameters redacted)."""
         request = state.request
         await emit.send(
@@ -246,7 +247,7 @@ class UnifiedToolExecutionEngine:
     async def execute(
         self,
         request: ExecuteTool,
-        emit: trio.MemorySendChannel[EmitEvent],
+        emit: Emitter,
         call: ToolCallState | None = None,
         *,
         session_limiter: trio.CapacityLimiter | None = None,
@@ -358,7 +359,7 @@ class ToolCallState:
 
     async def settle(
         self,
-        emit: trio.MemorySendChannel[EmitEvent],
+        emit: Emitter,
         status: ToolStatus,
         results: Any = None,
         error: ErrorInfo | None = None,
@@ -396,7 +397,7 @@ class ToolCallState:
             )
         return result
 
-    async def abandon(self, emit: trio.MemorySendChannel[EmitEvent]) -> ToolResult | None:
+    async def abandon(self, emit: Emitter) -> ToolResult | None:
         """Report a cancelled call that did not stop in time as ``cancelled``."""
         return await self.settle(
             emit,
@@ -466,7 +467,7 @@ EnhancedToolExecutionEngine = UnifiedToolExecutionEngine
 async def run_tool_executor(
     engine: UnifiedToolExecutionEngine,
     inbox: trio.MemoryReceiveChannel[ToolInbox],
-    emit: trio.MemorySendChannel[EmitEvent],
+    emit: Emitter,
     *,
     cancel_grace: float = 5.0,
     max_concurrent: int = 16,

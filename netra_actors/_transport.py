@@ -78,17 +78,15 @@ class TrioWebSocketTransport:
         self._raw = raw_stream
 
     async def send_text(self, text: str) -> None:
-        try:
-            await self.ws.send_message(text)
-        except trio_websocket.ConnectionClosed as exc:
-            raise TransportClosed(exc.reason.code if exc.reason else None) from None
+        await self.send_texts((text,))
 
     async def send_texts(self, texts: Sequence[str]) -> None:
         """The frames of ``texts`` encoded together and written with one ``send_all``.
 
         Uses trio-websocket's connection state (its wsproto connection and stream
-        lock) as its own ``send_message`` does; falls back to one message at a
-        time if those are not there.
+        lock) as its own ``send_message`` does, taking the lock without a
+        checkpoint when it is free (the write is one); falls back to one message
+        at a time if those are not there.
         """
         ws = self.ws
         proto = getattr(ws, "_wsproto", None)
@@ -96,17 +94,28 @@ class TrioWebSocketTransport:
         stream = getattr(ws, "_stream", None)
         if proto is None or lock is None or stream is None:
             for text in texts:
-                await self.send_text(text)
+                try:
+                    await ws.send_message(text)
+                except trio_websocket.ConnectionClosed as exc:
+                    raise TransportClosed(exc.reason.code if exc.reason else None) from None
             return
         reason = ws.closed
         if reason is not None:
             raise TransportClosed(reason.code)
-        data = b"".join(proto.send(TextMessage(data=text)) for text in texts)
-        async with lock:
-            try:
-                await stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise TransportClosed(CLOSE_ABNORMAL) from None
+        if len(texts) == 1:
+            data = proto.send(TextMessage(data=texts[0]))
+        else:
+            data = b"".join(proto.send(TextMessage(data=text)) for text in texts)
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise TransportClosed(CLOSE_ABNORMAL) from None
+        finally:
+            lock.release()
 
     async def receive(self) -> str | bytes:
         try:

@@ -438,6 +438,8 @@ async def _resume_property(workload: Workload) -> None:
             reference = await open_client(nursery, runtime, "alice")
             server_end, client_end = memory_transport_pair()
             nursery.start_soon(runtime.serve_connection, "alice", server_end)
+            # The resuming client's first connection is subscribed before any run starts.
+            await trio.testing.wait_all_tasks_blocked()
             run_ids = []
             for index, (thread, item) in enumerate(workload.messages):
                 text = item if isinstance(item, str) else book.add(f"s{index}", item)

@@ -156,6 +156,9 @@ async def connect_abortable(url: str) -> AsyncIterator[tuple[WsClient, trio.Sock
                         await ws.aclose()
             finally:
                 await trio.aclose_forcefully(stream)
+                # The socket is gone: trio-websocket's reader may still be parked on its
+                # full message queue (size 1), which closing does not wake.
+                nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
