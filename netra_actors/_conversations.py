@@ -20,12 +20,13 @@ from ._messages import ToolCall
 
 def trim_history(messages: Sequence[ChatMessage], max_messages: int) -> list[ChatMessage]:
     """The newest ``max_messages`` of ``messages``, never starting with a ``tool`` message
-    whose call is gone (chat-completions APIs refuse such a history)."""
-    messages = list(messages)
+    whose call is gone (chat-completions APIs refuse such a history). Always a new list."""
+    if not isinstance(messages, list):
+        messages = list(messages)
     start = max(0, len(messages) - max_messages)
     while start < len(messages) and messages[start].role == "tool":
         start += 1
-    return list(messages[start:])
+    return messages[start:]
 
 
 def message_to_dict(message: ChatMessage) -> dict[str, Any]:
@@ -62,7 +63,7 @@ class ConversationStore(Protocol):
     """Where threads' histories live. Both methods are checkpoints."""
 
     async def load(self, user_id: str, thread_id: str) -> list[ChatMessage]:
-        """The thread's messages, oldest first (system prompts excluded)."""
+        """The thread's messages, oldest first (system prompts excluded), in a new list."""
         ...
 
     async def append(self, user_id: str, thread_id: str, messages: Sequence[ChatMessage]) -> None:

@@ -25,9 +25,11 @@ never disagree with its events.
 
 from __future__ import annotations
 
+import logging
 import math
 import sqlite3
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -44,6 +46,7 @@ from ._sequencer import encode_json
 from ._tracker import FINISHED_STATES, RunState, state_after
 
 SCHEMA_VERSION = 1
+logger = logging.getLogger("netra_actors.store")
 DB_FILENAME = "netra.sqlite3"
 
 
@@ -217,6 +220,38 @@ def run_changes(event: Event) -> dict[str, Any]:
     return changes
 
 
+#: The ``runs`` columns a finished run keeps whatever comes later.
+GUARDED_COLUMNS = ("state", "ended_at", "error", "usage")
+
+
+def fold_run_changes(events: Sequence[Event]) -> dict[str, tuple[Event, dict[str, Any]]]:
+    """Per run of ``events``: its first event and the ``run_changes`` of all its events
+    folded in order, as one set of changes.
+
+    Applying the folded changes once (``first_seq`` from the first event if unset; nothing
+    of ``GUARDED_COLUMNS`` if the run was already finished) leaves a run as applying each
+    event's changes in turn does: a later value replaces an earlier one, and once an event
+    finished the run, later events no longer change its ``GUARDED_COLUMNS`` (as they would
+    not one by one: the run is finished by then). A store can so write each run of a batch
+    once instead of once per event.
+    """
+    folded: dict[str, tuple[Event, dict[str, Any]]] = {}
+    finished: set[str] = set()
+    for event in events:
+        changes = run_changes(event)
+        seen = folded.get(event.run_id)
+        if event.run_id in finished:
+            for key in GUARDED_COLUMNS:
+                changes.pop(key, None)
+        elif changes.get("state") in FINISHED_STATES:
+            finished.add(event.run_id)
+        if seen is None:
+            folded[event.run_id] = (event, changes)
+        else:
+            seen[1].update(changes)
+    return folded
+
+
 def open_tool_calls(events: Sequence[Event]) -> tuple[OpenToolCall, ...]:
     """The calls of ``events`` (one run's) announced and never completed, in order."""
     calls: dict[str, OpenToolCall] = {}
@@ -318,6 +353,23 @@ class MemoryStore:
 
     async def append(self, session_id: str, events: Sequence[Event]) -> None:
         await trio.lowlevel.checkpoint()
+        self._append_now(session_id, events)
+
+    def append_soon(
+        self,
+        session_id: str,
+        events: Sequence[Event],
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        """``append`` without a task waiting: stored at once, then ``done`` is called."""
+        try:
+            self._append_now(session_id, events)
+        except StoreError as exc:
+            done(exc)
+        else:
+            done(None)
+
+    def _append_now(self, session_id: str, events: Sequence[Event]) -> None:
         session = self._sessions.get(session_id)
         if session is None:
             raise StoreError(f"no stored session {session_id!r}")
@@ -327,6 +379,8 @@ class MemoryStore:
         self._events[session_id].extend(events)
         if events:
             self._sessions[session_id] = attrs.evolve(session, last_seq=events[-1].seq)
+        # One event at a time: the reference the SQLite store's folded writes
+        # (``fold_run_changes``) are checked against by the model test.
         for event in events:
             run = self._runs.get(event.run_id)
             changes = run_changes(event)
@@ -341,7 +395,7 @@ class MemoryStore:
                     first_seq=event.seq,
                 )
             elif run.state in FINISHED_STATES:
-                for key in ("state", "ended_at", "error", "usage"):
+                for key in GUARDED_COLUMNS:
                     changes.pop(key, None)
             if run.first_seq is None:
                 changes["first_seq"] = event.seq
@@ -472,6 +526,43 @@ MIGRATIONS: tuple[str, ...] = (
 
 _RUN_COLUMNS = tuple(f.name for f in attrs.fields(StoredRun))
 _OPEN = "('queued', 'running')"
+#: What ``record_queued`` stores (a queued run has no error or usage yet).
+_QUEUED_COLUMNS = tuple(c for c in _RUN_COLUMNS if c not in ("error", "usage"))
+_INSERT_QUEUED = (
+    f"INSERT OR IGNORE INTO runs ({', '.join(_QUEUED_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _QUEUED_COLUMNS)})"
+)
+#: The columns a run's first event sets when it makes the row (``state`` unless changed).
+_FRESH_COLUMNS = ("run_id", "session_id", "user_id", "thread_id", "state", "trace_id", "first_seq")
+#: ``_upsert_sql`` by the changed columns (their order included): built once each.
+_UPSERTS: dict[tuple[str, ...], str] = {}
+
+
+def _upsert_sql(changed: tuple[str, ...]) -> str:
+    """The upsert of a run's folded changes (``changed``: their columns, in order).
+
+    Its parameters: ``_FRESH_COLUMNS``, then the changed columns other than ``state``.
+    A new run gets them all; a known run gets the changed columns and ``first_seq`` if
+    it had none, except that a finished run keeps its ``GUARDED_COLUMNS`` (the store
+    never moves it again).
+    """
+    sql = _UPSERTS.get(changed)
+    if sql is None:
+        columns = _FRESH_COLUMNS + tuple(c for c in changed if c != "state")
+        updates = ", ".join(
+            [
+                f"{c} = CASE WHEN runs.state IN {_OPEN} THEN excluded.{c} ELSE runs.{c} END"
+                if c in GUARDED_COLUMNS
+                else f"{c} = excluded.{c}"
+                for c in changed
+            ]
+            + ["first_seq = coalesce(runs.first_seq, excluded.first_seq)"]
+        )
+        sql = _UPSERTS[changed] = (
+            f"INSERT INTO runs ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
+            f"ON CONFLICT (run_id) DO UPDATE SET {updates}"
+        )
+    return sql
 
 
 def _run_from_row(row: sqlite3.Row) -> StoredRun:
@@ -489,26 +580,94 @@ class _Write:
     apply: Callable[[sqlite3.Connection], None]
     done: trio.Event = attrs.field(factory=trio.Event)
     error: BaseException | None = None
+    #: Called (in the trio thread) once the write committed or failed, with its error.
+    then: Callable[[BaseException | None], None] | None = None
+
+    def settle(self, error: BaseException | None = None) -> None:
+        """Mark the write done (with ``error`` if it failed) and call ``then``."""
+        if error is not None:
+            self.error = error
+        self.done.set()
+        if self.then is not None:
+            try:
+                self.then(self.error)
+            except Exception:
+                logger.exception("a store write's callback failed")
+
+
+class _Miss:
+    """A ``load`` reading the file; ``stale`` if an append of its thread was not done when
+    it started or came while it read (what it read may then lack that append)."""
+
+    __slots__ = ("stale",)
+
+    def __init__(self, stale: bool) -> None:
+        self.stale = stale
 
 
 class SqliteConversations:
-    """A ``ConversationStore`` view of a ``SqliteStore`` (histories survive restarts)."""
+    """A ``ConversationStore`` view of a ``SqliteStore`` (histories survive restarts).
 
-    def __init__(self, store: SqliteStore, max_messages: int) -> None:
+    The parsed histories of the ``cached_threads`` most recently used threads stay in
+    memory (least recently used out first), written through: ``load`` of a cached
+    thread reads and parses nothing (a run used to re-read up to ``max_messages``
+    messages, the SQLite store's main cost per run), and an append extends the cached
+    history once its write committed. That is correct because the runtime is the only
+    writer of its file. A cached history is what the file holds for the thread (its
+    newest ``max_messages``, each as read back from JSON); ``load`` trims it as it
+    trims what it reads, and returns a new list (of the cached messages, which are
+    frozen, as ``MemoryStore`` shares its own).
+
+    Appends reach the cache in the order they committed (the order they were
+    submitted: one writer), whichever task resumes first. Where the file's content
+    is not known, the cache forgets the thread (the next ``load`` reads the file): an
+    append that failed or was cancelled (it may still commit), and a ``load`` that
+    read while an append of its thread was pending keeps nothing.
+    """
+
+    def __init__(self, store: SqliteStore, max_messages: int, cached_threads: int = 1024) -> None:
         self._store = store
         self.max_messages = max_messages
+        self.cached_threads = cached_threads
+        self._cache: OrderedDict[tuple[str, str], list[ChatMessage]] = OrderedDict()
+        #: Per thread, in commit order: appends not yet applied to the cache, with their
+        #: messages as a load would read them back.
+        self._appends: dict[tuple[str, str], deque[tuple[_Write, list[ChatMessage]]]] = {}
+        #: Per thread: loads reading the file.
+        self._misses: dict[tuple[str, str], list[_Miss]] = {}
 
     async def load(self, user_id: str, thread_id: str) -> list[ChatMessage]:
-        rows = await self._store._read(
-            "SELECT body FROM messages WHERE user_id = ? AND thread_id = ? "
-            "ORDER BY pos DESC LIMIT ?",
-            (user_id, thread_id, self.max_messages),
-        )
+        key = (user_id, thread_id)
+        if key in self._cache:
+            await trio.lowlevel.checkpoint()
+            self._settle(key)
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return trim_history(cached, self.max_messages)
+        miss = _Miss(stale=self._settle(key))
+        self._misses.setdefault(key, []).append(miss)
+        try:
+            rows = await self._store._read(
+                "SELECT body FROM messages WHERE user_id = ? AND thread_id = ? "
+                "ORDER BY pos DESC LIMIT ?",
+                (user_id, thread_id, self.max_messages),
+            )
+        finally:
+            misses = self._misses[key]
+            misses.remove(miss)
+            if not misses:
+                del self._misses[key]
         messages = [message_from_dict(orjson.loads(row["body"])) for row in reversed(rows)]
+        if not miss.stale:
+            self._remember(key, messages)
         return trim_history(messages, self.max_messages)
 
     async def append(self, user_id: str, thread_id: str, messages: Sequence[ChatMessage]) -> None:
+        key = (user_id, thread_id)
         bodies = [orjson.dumps(message_to_dict(m)).decode() for m in messages]
+        # As a load would read them back (JSON turns a tuple into a list, ...).
+        stored = [message_from_dict(orjson.loads(body)) for body in bodies]
 
         def apply(db: sqlite3.Connection) -> None:
             (last,) = db.execute(
@@ -525,14 +684,54 @@ class SqliteConversations:
                 (user_id, thread_id, last + len(bodies) - self.max_messages),
             )
 
-        await self._store._write(apply)
+        write = self._store._submit(apply)
+        self._appends.setdefault(key, deque()).append((write, stored))
+        for miss in self._misses.get(key, ()):
+            miss.stale = True
+        try:
+            await self._store._settled(write)
+        except BaseException:
+            self._cache.pop(key, None)
+            raise
+        finally:
+            self._settle(key)
+
+    def _settle(self, key: tuple[str, str]) -> bool:
+        """Apply the thread's done appends to its cached history, oldest first, up to the
+        first not done; a failed one forgets the thread. True if some are not done."""
+        pending = self._appends.get(key)
+        if pending is None:
+            return False
+        while pending and pending[0][0].done.is_set():
+            write, stored = pending.popleft()
+            cached = self._cache.get(key)
+            if write.error is not None:
+                self._cache.pop(key, None)
+            elif cached is not None:
+                cached.extend(stored)
+                del cached[: max(0, len(cached) - self.max_messages)]
+        if pending:
+            return True
+        del self._appends[key]
+        return False
+
+    def _remember(self, key: tuple[str, str], messages: list[ChatMessage]) -> None:
+        """Cache a thread's history as read, as the most recently used."""
+        if self.cached_threads <= 0:
+            return
+        self._cache[key] = messages
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cached_threads:
+            self._cache.popitem(last=False)
 
 
 class SqliteStore:
     """The ``RunStore`` in one SQLite file (WAL mode), written by one group-commit actor.
 
     ``synchronous``: ``"NORMAL"`` (a committed event survives a process crash)
-    or ``"FULL"`` (it also survives a power loss or OS crash).
+    or ``"FULL"`` (it also survives a power loss or OS crash). ``cached_threads``:
+    how many threads' histories ``conversations`` keeps parsed in memory (0: none;
+    see ``SqliteConversations``).
     """
 
     def __init__(
@@ -542,13 +741,14 @@ class SqliteStore:
         synchronous: Literal["NORMAL", "FULL"] | str = "NORMAL",
         max_messages: int = 200,
         max_batch: int = 1024,
+        cached_threads: int = 1024,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError("synchronous must be NORMAL or FULL")
         self.path = Path(path)
         self.synchronous = synchronous
         self.max_batch = max_batch
-        self._conversations = SqliteConversations(self, max_messages)
+        self._conversations = SqliteConversations(self, max_messages, cached_threads)
         self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -613,15 +813,14 @@ class SqliteStore:
                 # writers are told so before the next checkpoint.
                 await trio.to_thread.run_sync(self._commit, batch)
                 for write in batch:
-                    write.done.set()
+                    write.settle()
                 batch = []
         finally:
             # Writes not committed (the batch in flight if the commit failed or never
             # ran, and whatever is queued) fail instead of waiting forever.
             for write in batch + self._pending():
                 if not write.done.is_set():
-                    write.error = StoreError("the store was closed before this write")
-                    write.done.set()
+                    write.settle(StoreError("the store was closed before this write"))
             self._receive.close()
             try:
                 trio.lowlevel.current_task()
@@ -678,11 +877,21 @@ class SqliteStore:
             await trio.lowlevel.checkpoint()
 
     async def _write(self, apply: Callable[[sqlite3.Connection], None]) -> None:
+        """Run ``apply`` in the writer's next transaction; return once it committed."""
+        await self._settled(self._submit(apply))
+
+    def _submit(self, apply: Callable[[sqlite3.Connection], None]) -> _Write:
+        """Queue ``apply`` for the writer (``_settled`` waits for it)."""
         write = _Write(apply)
         try:
             self._send.send_nowait(write)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise StoreError("the store is closed") from None
+        return write
+
+    @staticmethod
+    async def _settled(write: _Write) -> None:
+        """Wait until ``write`` committed; raise what refused it."""
         await write.done.wait()
         if write.error is not None:
             raise write.error
@@ -717,7 +926,27 @@ class SqliteStore:
         await self._write(apply)
 
     async def append(self, session_id: str, events: Sequence[Event]) -> None:
-        events = list(events)
+        await self._write(self._append_apply(session_id, list(events)))
+
+    def append_soon(
+        self,
+        session_id: str,
+        events: Sequence[Event],
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        """``append`` without a task waiting: queued for the writer's next commit
+        (group commit with every other session's writes); ``done`` is called from the
+        trio thread once it committed (``None``) or failed (the error)."""
+        write = _Write(self._append_apply(session_id, list(events)), then=done)
+        try:
+            self._send.send_nowait(write)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            write.settle(StoreError("the store is closed"))
+
+    def _append_apply(
+        self, session_id: str, events: list[Event]
+    ) -> Callable[[sqlite3.Connection], None]:
+        """The writer's work for one ``append`` (checks ``seq``, stores, projects runs)."""
 
         def apply(db: sqlite3.Connection) -> None:
             row = db.execute(
@@ -740,53 +969,44 @@ class SqliteStore:
                 "UPDATE sessions SET last_seq = ? WHERE session_id = ?",
                 (events[-1].seq, session_id),
             )
-            for event in events:
-                self._project(db, session_id, user_id, event)
+            # One upsert per run of the batch, not per event (a run's events mostly come
+            # together: the sequencer coalesces them into one append).
+            for first, changes in fold_run_changes(events).values():
+                self._project(db, session_id, user_id, first, changes)
 
-        await self._write(apply)
+        return apply
 
     @staticmethod
-    def _project(db: sqlite3.Connection, session_id: str, user_id: str, event: Event) -> None:
-        changes = run_changes(event)
-        for key in ("error", "usage"):
-            if key in changes:
+    def _project(
+        db: sqlite3.Connection,
+        session_id: str,
+        user_id: str,
+        first: Event,
+        changes: dict[str, Any],
+    ) -> None:
+        """Write one run's folded changes (``fold_run_changes``), ``first`` its first event."""
+        values = [
+            first.run_id,
+            session_id,
+            user_id,
+            first.thread_id,
+            changes.get("state", "running"),
+            first.trace_id,
+            first.seq,
+        ]
+        for key, value in changes.items():
+            if key in ("error", "usage"):
                 # As the sequencer encodes events: values JSON cannot carry become text.
-                changes[key] = encode_json(changes[key])
-        fresh = {
-            "run_id": event.run_id,
-            "session_id": session_id,
-            "user_id": user_id,
-            "thread_id": event.thread_id,
-            "state": "running",
-            "trace_id": event.trace_id,
-            "first_seq": event.seq,
-        } | changes
-        columns = ", ".join(fresh)
-        marks = ", ".join("?" for _ in fresh)
-        # A finished run keeps its state (the store never moves it again).
-        updates = ", ".join(
-            [
-                f"{key} = CASE WHEN runs.state IN {_OPEN} THEN excluded.{key} ELSE runs.{key} END"
-                if key in ("state", "ended_at", "error", "usage")
-                else f"{key} = excluded.{key}"
-                for key in changes
-            ]
-            + ["first_seq = coalesce(runs.first_seq, excluded.first_seq)"]
-        )
-        db.execute(
-            f"INSERT INTO runs ({columns}) VALUES ({marks}) "
-            f"ON CONFLICT (run_id) DO UPDATE SET {updates}",
-            tuple(fresh.values()),
-        )
+                values.append(encode_json(value))
+            elif key != "state":
+                values.append(value)
+        db.execute(_upsert_sql(tuple(changes)), values)
 
     async def record_queued(self, run: StoredRun) -> None:
-        values = {k: v for k, v in run.to_dict().items() if k not in ("error", "usage")}
-        columns, marks = ", ".join(values), ", ".join("?" for _ in values)
+        values = tuple(getattr(run, column) for column in _QUEUED_COLUMNS)
 
         def apply(db: sqlite3.Connection) -> None:
-            db.execute(
-                f"INSERT OR IGNORE INTO runs ({columns}) VALUES ({marks})", tuple(values.values())
-            )
+            db.execute(_INSERT_QUEUED, values)
 
         await self._write(apply)
 

@@ -520,6 +520,61 @@ async def test_a_finished_run_keeps_its_end_error_and_usage(store: RunStore) -> 
     )
 
 
+#: One stream's events (type, run, data): runs interleaved, a run queued first, a lone
+#: ``agent_cancelled``, a run without ``agent_started``, and events after a run finished.
+FOLD_SCRIPT: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("agent_started", "r1", {"agent_name": "echo", "text": "hi"}),
+    ("agent_cancelled", "r3", {"reason": "client"}),
+    ("agent_started", "rq", {"agent_name": "echo", "text": "queued"}),
+    ("agent_thinking", "r1", {"reasoning": "..."}),
+    ("tool_executing", "r2", {"call_id": "c-1", "tool_name": "calc"}),
+    ("agent_completed", "r1", {"usage": {"prompt_tokens": 1}}),
+    ("agent_error", "r1", {"error": {"type": "timeout", "message": "late"}, "usage": {"n": 9}}),
+    ("agent_started", "r3", {"agent_name": "late", "text": "again"}),
+    ("agent_error", "rq", {"error": {"type": "llm_error", "message": "x"}}),
+    ("agent_started", "r1", {"agent_name": "late"}),
+    ("agent_cancelled", "r1", {"reason": "late"}),
+    ("agent_completed", "rq", {"usage": {"prompt_tokens": 2}}),
+    ("tool_completed", "r2", {"call_id": "c-1", "status": "ok"}),
+)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5, BIG])
+async def test_runs_are_the_same_whatever_the_batches(store: RunStore, batch: int) -> None:
+    """The same events appended in batches of ``batch`` or one at a time leave the same runs
+    (a store may write each run of a batch once: that must not change the outcome, also
+    for events after a run finished within the batch)."""
+    traces = {run: UnifiedTraceContext.new_root() for run in ("r1", "r2", "r3", "rq")}
+    found: dict[str, dict[str, StoredRun]] = {}
+    for user, size in (("alice", batch), ("bob", 1)):
+        stream = await new_stream(store, user)
+        await store.record_queued(queued_run(f"rq-{user}", user_id=user, trace=traces["rq"]))
+        events = [
+            stream.ev(type_, f"{run}-{user}", data, thread_id=f"t-{run}", trace=traces[run])
+            for type_, run, data in FOLD_SCRIPT
+        ]
+        for start in range(0, len(events), size):
+            await store.append(stream.session_id, events[start : start + size])
+        found[user] = {}
+        for run in traces:
+            stored = await store.get_run(f"{run}-{user}")
+            assert stored is not None
+            found[user][run] = attrs.evolve(
+                stored, run_id=run, session_id="s", user_id="u", queued_at=None
+            )
+    assert found["alice"] == found["bob"]
+    runs, ts = found["alice"], 1000.0 + 1.0  # the stream's first ts
+    assert (runs["r1"].state, runs["r1"].ended_at) == ("completed", ts + 5)
+    assert (runs["r1"].error, runs["r1"].usage) == (None, {"prompt_tokens": 1})
+    assert (runs["r1"].first_seq, runs["r1"].last_seq) == (1, 11)
+    assert (runs["r2"].state, runs["r2"].first_seq, runs["r2"].last_seq) == ("running", 5, 13)
+    assert (runs["r3"].state, runs["r3"].ended_at, runs["r3"].first_seq) == ("cancelled", ts + 1, 2)
+    assert (runs["rq"].state, runs["rq"].ended_at, runs["rq"].usage) == ("failed", ts + 8, None)
+    assert runs["rq"].error == {"type": "llm_error", "message": "x"}
+    assert (runs["rq"].first_seq, runs["rq"].last_seq, runs["rq"].thread_id) == (3, 12, "main")
+    assert [o.run.run_id for o in await store.open_runs()] == ["r2-alice", "r2-bob"]
+
+
 async def test_event_data_json_cannot_carry_natively_is_stored(
     make_store: Callable[..., RunStore],
 ) -> None:
@@ -926,6 +981,14 @@ async def test_conversations_round_trip(store: RunStore) -> None:
     assert await store.conversations.load("alice", "other") == exchange(3)
     assert await store.conversations.load("bob", "main") == exchange(4)
     assert await store.conversations.load("bob", "other") == []
+
+
+async def test_conversations_load_gives_a_list_of_its_own(store: RunStore) -> None:
+    await store.conversations.append("alice", "main", exchange(1))
+    loaded = await store.conversations.load("alice", "main")
+    loaded.append(ChatMessage("user", "not stored"))
+    del loaded[0]
+    assert await store.conversations.load("alice", "main") == exchange(1)
 
 
 async def test_conversations_keep_the_newest_and_never_start_with_a_tool_message(
@@ -1537,3 +1600,193 @@ async def test_sqlite_cancelling_run_fails_the_writes_it_did_not_commit(tmp_path
         # The write is queued before the writer sees its cancellation.
         with trio.fail_after(0.5), pytest.raises(StoreError):
             await store.append("s-1", [event(1, "agent_started", "r-1")])
+
+
+# -- the conversation cache ------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def cached_and_file(
+    path: Path, max_messages: int = 200, cached_threads: int = 1024
+) -> AsyncIterator[tuple[SqliteStore, SqliteStore]]:
+    """A store on ``path`` with its conversation cache, and one without (a view of what the
+    file holds: every load reads it) on the same file."""
+    cached = SqliteStore(path, max_messages=max_messages, cached_threads=cached_threads)
+    plain = SqliteStore(path, max_messages=max_messages, cached_threads=0)
+    async with started(cached), started(plain):
+        yield cached, plain
+
+
+def count_reads(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SQL of every read ``store`` makes from now on."""
+    reads: list[str] = []
+    read = store._read
+
+    async def counted(sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        reads.append(sql)
+        return await read(sql, params)
+
+    monkeypatch.setattr(store, "_read", counted)
+    return reads
+
+
+async def test_sqlite_a_cached_history_costs_no_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with cached_and_file(tmp_path / DB_FILENAME, max_messages=8) as (store, file):
+        await store.conversations.append("alice", "main", exchange(1))
+        reads = count_reads(store, monkeypatch)
+        assert await store.conversations.load("alice", "main") == exchange(1)
+        assert len(reads) == 1  # the first load reads the file ...
+        for n in range(2, 5):
+            await store.conversations.append("alice", "main", exchange(n))
+            loaded = await store.conversations.load("alice", "main")
+            assert loaded == await file.conversations.load("alice", "main")
+            # The newest 8 are 3 of the turn before (tool, tool, answer) and this turn.
+            assert loaded == exchange(n - 1)[-1:] + exchange(n)
+        assert await store.conversations.load("alice", "other") == []
+        assert await store.conversations.load("alice", "other") == []
+        assert len(reads) == 2  # ... and later ones of a cached thread do not
+    async with started(SqliteStore(tmp_path / DB_FILENAME, max_messages=8)) as again:
+        assert await again.conversations.load("alice", "main") == loaded
+
+
+async def test_sqlite_the_cache_keeps_the_most_recently_used_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with cached_and_file(tmp_path / DB_FILENAME, cached_threads=2) as (store, _):
+        for thread in ("a", "b", "c"):
+            await store.conversations.append("alice", thread, exchange(ord(thread)))
+        reads = count_reads(store, monkeypatch)
+        for thread in ("a", "b", "a", "c", "a", "b"):  # c pushes b out, b pushes c out
+            assert await store.conversations.load("alice", thread) == exchange(ord(thread))
+        assert len(reads) == 4
+        assert len(store._conversations._cache) == 2
+
+
+async def test_sqlite_a_failed_history_write_is_forgotten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A history append whose write fails (rolled back) raises, and the thread's next load
+    reads the file again: the cache never holds what the file does not."""
+    async with cached_and_file(tmp_path / DB_FILENAME) as (store, file):
+        await store.conversations.append("alice", "main", exchange(1))
+        assert await store.conversations.load("alice", "main") == exchange(1)
+        submit = store._submit
+
+        def failing(apply: Callable[[sqlite3.Connection], None]) -> Any:
+            def fail(db: sqlite3.Connection) -> None:
+                apply(db)
+                raise sqlite3.OperationalError("disk I/O error")
+
+            return submit(fail)
+
+        monkeypatch.setattr(store, "_submit", failing)
+        with pytest.raises(StoreError, match="disk I/O error"):
+            await store.conversations.append("alice", "main", exchange(2))
+        monkeypatch.setattr(store, "_submit", submit)
+        reads = count_reads(store, monkeypatch)
+        assert await store.conversations.load("alice", "main") == exchange(1)
+        assert len(reads) == 1
+        assert await file.conversations.load("alice", "main") == exchange(1)
+
+
+async def test_sqlite_a_cancelled_history_append_is_not_lost_to_the_cache(
+    tmp_path: Path,
+) -> None:
+    """An append cancelled while its write is queued still commits: the cache forgets the
+    thread and caches nothing it reads before that write is done."""
+    async with cached_and_file(tmp_path / DB_FILENAME) as (store, file):
+        await store.conversations.append("alice", "main", exchange(1))
+        assert await store.conversations.load("alice", "main") == exchange(1)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await store.conversations.append("alice", "main", exchange(2))
+        assert ("alice", "main") not in store._conversations._cache
+        # Read while the write may be pending: whatever it gives, nothing is cached.
+        assert (await store.conversations.load("alice", "main"))[:5] == exchange(1)
+        await store._write(lambda db: None)  # the cancelled append committed before
+        assert await store.conversations.load("alice", "main") == exchange(1) + exchange(2)
+        assert await store.conversations.load("alice", "main") == exchange(1) + exchange(2)
+        assert await file.conversations.load("alice", "main") == exchange(1) + exchange(2)
+
+
+#: One round of operations run at once: (kind, thread, size) with kind "append", "load",
+#: "cancelled" (an append cancelled as it waits: its write still commits) or "failed".
+_conversation_rounds = st.lists(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["append", "append", "load", "load", "cancelled", "failed"]),
+            st.integers(0, 2),
+            st.integers(1, 4),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+async def _check_conversation_rounds(
+    rounds: list[list[tuple[str, int, int]]], folder: Path
+) -> None:
+    async with cached_and_file(folder / DB_FILENAME, max_messages=5, cached_threads=2) as (
+        store,
+        file,
+    ):
+        history = store.conversations
+        failing: list[bool] = []
+        submit = store._submit
+
+        def maybe_failing(apply: Callable[[sqlite3.Connection], None]) -> Any:
+            if failing and failing.pop():
+
+                def fail(db: sqlite3.Connection) -> None:
+                    apply(db)
+                    raise sqlite3.OperationalError("refused")
+
+                return submit(fail)
+            return submit(apply)
+
+        store._submit = maybe_failing  # type: ignore[method-assign]
+        counter = 0
+
+        async def run(kind: str, thread: str, messages: list[ChatMessage]) -> None:
+            if kind == "load":
+                await history.load("u", thread)
+            elif kind == "cancelled":
+                with trio.CancelScope() as scope:
+                    scope.cancel()
+                    await history.append("u", thread, messages)
+            else:
+                failing.append(kind == "failed")  # _submit runs before append's first checkpoint
+                try:
+                    await history.append("u", thread, messages)
+                except StoreError:
+                    assert kind == "failed"
+
+        for ops in rounds:
+            async with trio.open_nursery() as nursery:
+                for kind, thread, size in ops:
+                    messages = [_message("user", counter + i) for i in range(size)]
+                    counter += size
+                    nursery.start_soon(run, kind, f"t{thread}", messages)
+            await store._write(lambda db: None)  # every append of the round committed
+            # The cached threads first, most recently used first: a check that reads the
+            # file (and caches what it read) pushes out only threads already checked.
+            cached = [thread for _, thread in reversed(store._conversations._cache)]
+            for thread in cached + sorted({"t0", "t1", "t2"} - set(cached)):
+                expected = await file.conversations.load("u", thread)
+                assert await history.load("u", thread) == expected, (ops, thread)
+                assert await history.load("u", thread) == expected, (ops, thread)
+
+
+@given(rounds=_conversation_rounds)
+def test_sqlite_the_conversation_cache_agrees_with_the_file(
+    rounds: list[list[tuple[str, int, int]]],
+) -> None:
+    """Appends (some cancelled, some failing) and loads of three threads at once, through a
+    cache of two threads: after each round, every load answers what the file holds."""
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as folder:
+        trio.run(_check_conversation_rounds, rounds, Path(folder))
