@@ -296,10 +296,13 @@ class SessionSequencer:
     The stream ends once every sender is closed (and the inbox given to ``run``,
     if any, is exhausted) and the last stamped event has been published.
 
-    ``run`` is the sequencer's task: it waits for the end, drives stores that
-    only have ``append`` (and an optional inbox channel), and raises the store's
-    error if a write fails (the session then ends). Cancelling it ends the
-    stream; events stamped but not yet stored are lost to readers.
+    ``run`` is the sequencer's task, needed only for a store that has just
+    ``append`` (``needs_task``) or to read an inbox channel: it drives them,
+    waits for the end, and raises the store's error if a write fails.
+    Cancelling it ends the stream; events stamped but not yet stored are lost
+    to readers. Without a task (no store, or a ``SoonEventStore``) the stream
+    ends in the step that closes the last sender or commits the last batch, and
+    a failed write ends it at once and is reported to ``on_failure``.
     """
 
     #: Stamped events that may wait for the store before senders are held back.
@@ -316,6 +319,8 @@ class SessionSequencer:
         stored_from: int | None = None,
         observers: Sequence[Callable[[Sequence[Event]], None]] = (),
         linger: float = 0.0,
+        on_end: Callable[[], None] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.session_id = session_id
         self.window = ReplayWindow(window_events, window_max_age)
@@ -342,7 +347,19 @@ class SessionSequencer:
         self._kick = trio.Event()  # wakes ``run`` (a batch to store, or the end)
         self._finished = trio.Event()
         self._failure: BaseException | None = None
+        self._on_end = on_end
+        self._on_failure = on_failure
+        self._task_driven = False  # ``run`` is running: it ends the stream
         self.paced_waits = 0
+
+    @property
+    def needs_task(self) -> bool:
+        """Whether ``run`` must run (a store with only ``append``)."""
+        return self._store is not None and self._append_soon is None
+
+    async def wait_finished(self) -> None:
+        """Wait until the stream has ended."""
+        await self._finished.wait()
 
     @property
     def oldest_seq(self) -> int:
@@ -456,15 +473,20 @@ class SessionSequencer:
         if error is not None:
             if self._failure is None:
                 self._failure = error
-            self._kick.set()
+            if self._task_driven:
+                self._kick.set()
+            else:
+                self._end()
+                if self._on_failure is not None:
+                    self._on_failure(error)
             return
         if not self.ended:
             self._publish(batch)
         self._room_changed()
         if self._unstored:
             self._submit()
-        elif self._senders == 0 and not self._inbox_open:
-            self._kick.set()
+        else:
+            self._maybe_end()
 
     def _publish(self, events: list[Event]) -> None:
         window = self.window
@@ -477,8 +499,26 @@ class SessionSequencer:
 
     def _sender_closed(self) -> None:
         self._senders -= 1
-        if self._senders == 0:
-            self._kick.set()
+        self._maybe_end()
+
+    def _maybe_end(self) -> None:
+        if self._senders or self._inbox_open or not self._drained or self.ended:
+            return
+        if self._task_driven:
+            self._kick.set()  # ``run`` ends it
+        else:
+            self._end()
+
+    def _end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self._finished.set()
+        self._room_changed()
+        for sub in self._subscriptions:
+            sub.notify()
+        if self._on_end is not None:
+            self._on_end()
 
     @property
     def _drained(self) -> bool:
@@ -501,6 +541,7 @@ class SessionSequencer:
         Raises:
             Exception: the store's error, if a write failed.
         """
+        self._task_driven = True
         try:
             async with trio.open_nursery() as nursery:
                 if inbox is not None:
@@ -509,11 +550,7 @@ class SessionSequencer:
                 await self._serve()
                 nursery.cancel_scope.cancel()
         finally:
-            self.ended = True
-            self._finished.set()
-            self._room_changed()
-            for sub in self._subscriptions:
-                sub.notify()
+            self._end()
 
     async def _drain_inbox(self, inbox: trio.MemoryReceiveChannel[EmitEvent]) -> None:
         try:
@@ -522,7 +559,7 @@ class SessionSequencer:
                 self.publish(msg)
         finally:
             self._inbox_open = False
-            self._kick.set()
+            self._maybe_end()
 
     async def _serve(self) -> None:
         previous = -math.inf

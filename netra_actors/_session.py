@@ -237,16 +237,20 @@ class Session:
             stored_from=stored_from,
             observers=[partial(services.tracker.observe, self.session_id, user_id)],
             linger=config.write_linger,
+            on_end=self._changed,
+            on_failure=self._store_failed,
         )
         self.rate_limiter = RateLimiter(config.rate_limit, config.rate_burst)
         self._emit_send = self.sequencer.sender()
-        self._agent_send, self._agent_recv = trio.open_memory_channel[AgentInbox](INBOX_CAPACITY)
-        self._tool_send, self._tool_recv = trio.open_memory_channel[ToolInbox](INBOX_CAPACITY)
+        # The actors' inboxes, made by _start_actors with the actors.
+        self._agent_send: trio.MemorySendChannel[AgentInbox]
+        self._tool_send: trio.MemorySendChannel[ToolInbox]
         self._nursery: trio.Nursery | None = None
         self._ready = trio.Event()
         self._closed = trio.Event()
         self._runs_done = trio.Event()
-        self._sequencer_done = trio.Event()
+        #: Whether the agent actor and the tool executor run (started by the first request).
+        self._actors_started = False
         self._state_changed = trio.Event()
         self.closing = False
         # Written by their owning actors, read by statistics() and the idle watch.
@@ -277,28 +281,46 @@ class Session:
     async def _supervise(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._run_sequencer)
-            nursery.start_soon(
-                partial(
-                    run_tool_executor,
-                    cancel_grace=self._services.config.tool_cancel_grace,
-                    max_concurrent=self._services.config.max_session_tools,
-                ),
-                self._services.engine,
-                self._tool_recv,
-                self._emit_send.clone(),
-            )
-            nursery.start_soon(self._agent_actor, self._agent_recv, self._emit_send.clone())
+            if self.sequencer.needs_task:
+                nursery.start_soon(self._run_sequencer)
             nursery.start_soon(self._idle_watch)
             self._ready.set()
             task_status.started()
+
+    def _start_actors(self) -> None:
+        """Start the agent actor and the tool executor (on the first request: a session
+        that only ever has connections, such as an idle tab, costs two tasks less)."""
+        if self._actors_started:
+            return
+        assert self._nursery is not None
+        self._actors_started = True
+        self._agent_send, agent_recv = trio.open_memory_channel[AgentInbox](INBOX_CAPACITY)
+        self._tool_send, tool_recv = trio.open_memory_channel[ToolInbox](INBOX_CAPACITY)
+        self._nursery.start_soon(
+            partial(
+                run_tool_executor,
+                cancel_grace=self._services.config.tool_cancel_grace,
+                max_concurrent=self._services.config.max_session_tools,
+            ),
+            self._services.engine,
+            tool_recv,
+            self._emit_send.clone(),
+        )
+        self._nursery.start_soon(self._agent_actor, agent_recv, self._emit_send.clone())
 
     async def _run_sequencer(self) -> None:
         try:
             await self.sequencer.run()
         finally:
-            self._sequencer_done.set()
             self._changed()
+
+    def _store_failed(self, error: BaseException) -> None:
+        """The store refused a batch: the session's stream cannot go on; end the session."""
+        logger.error(
+            "session %s of %r: storing events failed: %s", self.session_id, self.user_id, error
+        )
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -332,16 +354,18 @@ class Session:
         self.closing = True
         self._changed()
         with trio.move_on_after(grace) as scope:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._agent_send.send(CancelAllRuns("shutdown"))
-            await self._runs_done.wait()
+            if self._actors_started:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._agent_send.send(CancelAllRuns("shutdown"))
+                await self._runs_done.wait()
             # Each actor closes its own clone of the event channel when it ends; once
             # these originals are closed too, the sequencer ends after the last event
             # and connection writers flush everything and close with 1001.
-            await self._agent_send.aclose()
-            await self._tool_send.aclose()
+            if self._actors_started:
+                await self._agent_send.aclose()
+                await self._tool_send.aclose()
             await self._emit_send.aclose()
-            await self._sequencer_done.wait()
+            await self.sequencer.wait_finished()
             # Not self._closed: this may run inside the session's own nursery.
             while self._connections:
                 await self._state_changed.wait()
@@ -425,6 +449,7 @@ class Session:
     async def _request(self, message: AgentInbox, reply: trio.MemoryReceiveChannel[_T]) -> _T:
         if self.closing:
             raise RuntimeClosed(f"session {self.session_id} is closing")
+        self._start_actors()
         try:
             await self._agent_send.send(message)
             return await reply.receive()
