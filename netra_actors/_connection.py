@@ -1,12 +1,14 @@
 """The connection actor: one per open WebSocket, a child of its user's session.
 
-Three tasks. The reader drains every incoming frame (so transport-level pings
-keep being answered) and turns it into requests to the session. The writer is
-the only task that sends on the transport: direct replies, then the session's
-events in ``seq`` order, read through the connection's own cursor. The
-heartbeat pings the peer. Bad input gets a typed ``error`` frame and the
-connection stays usable. When any task ends the connection, the others are
-cancelled and the transport is closed with a code (see docs/protocol.md).
+Two tasks. The reader drains every incoming frame (so transport-level pings
+keep being answered) and turns it into requests to the session; after
+``heartbeat_interval`` seconds without a frame from the peer it pings it, and
+aborts the connection if no pong comes within ``heartbeat_timeout``. The writer
+is the only task that sends frames of ours on the transport: direct replies,
+then the session's events in ``seq`` order, read through the connection's own
+cursor. Bad input gets a typed ``error`` frame and the connection stays usable.
+When either task ends the connection, the other is cancelled and the transport
+is closed with a code (see docs/protocol.md).
 
 A send that makes no progress for ``send_timeout`` seconds is never cancelled
 and then reused (that would tear the frame): the connection is aborted.
@@ -160,7 +162,6 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader, nursery.cancel_scope)
-                nursery.start_soon(self._heartbeat)
                 code, abort = await self._writer(sub)
                 nursery.cancel_scope.cancel()
         except* _Close as group:
@@ -257,25 +258,21 @@ class Connection:
         except _Close as close:
             return close.code, close.abort
 
-    async def _heartbeat(self) -> None:
-        interval, timeout = self.config.heartbeat_interval, self.config.heartbeat_timeout
-        while True:
-            await trio.sleep(interval)
-            with trio.move_on_after(timeout):
-                try:
-                    await self.transport.ping()
-                except TransportClosed:
-                    return
-                continue
-            raise _Close(CLOSE_ABNORMAL, abort=True)
-
     async def _reader(self, done: trio.CancelScope) -> None:
         assert self.subscription is not None
         reply = self.subscription.push_direct
         limit = self.config.max_frame_bytes
+        interval, timeout = self.config.heartbeat_interval, self.config.heartbeat_timeout
         try:
             while True:
-                message = await self.transport.receive()
+                with trio.move_on_after(interval) as quiet:
+                    message = await self.transport.receive()
+                if quiet.cancelled_caught:
+                    # Nothing from the peer for a heartbeat interval: is it still there?
+                    with trio.move_on_after(timeout):
+                        await self.transport.ping()
+                        continue
+                    raise _Close(CLOSE_ABNORMAL, abort=True)
                 # trio-websocket's limit counts characters; the documented limit is bytes.
                 if isinstance(message, bytes):
                     if len(message) > limit:

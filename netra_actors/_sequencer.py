@@ -194,9 +194,9 @@ class Subscription:
         self._sequencer = sequencer
         self.cursor = after_seq
         self.paces = paces
-        self._direct: deque[str] = deque()
+        self._direct: list[str] = []
         self._wake = trio.Event()
-        self._direct_wake = trio.Event()
+        self._direct_wake: trio.Event | None = None  # made by ``linger``
         self.closed = False
         self._overflowed = False
 
@@ -215,7 +215,8 @@ class Subscription:
         else:
             self._direct.append(frame)
         self._wake.set()
-        self._direct_wake.set()
+        if self._direct_wake is not None:
+            self._direct_wake.set()
 
     @property
     def overflowed(self) -> bool:
@@ -227,14 +228,14 @@ class Subscription:
         if self._direct or self.closed:
             await trio.lowlevel.checkpoint()
             return
-        self._direct_wake = trio.Event()
+        wake = self._direct_wake = trio.Event()
         with trio.move_on_after(seconds):
-            await self._direct_wake.wait()
+            await wake.wait()
+        self._direct_wake = None
 
     def take_direct(self) -> list[str]:
         """Remove and return the direct frames waiting now."""
-        frames = list(self._direct)
-        self._direct.clear()
+        frames, self._direct = self._direct, []
         return frames
 
     def reposition(self, after_seq: int) -> None:
@@ -267,8 +268,7 @@ class Subscription:
                 raise SubscriptionLagged(f"more than {self.MAX_DIRECT} replies waiting")
             direct: list[str] = []
             if self._direct:
-                direct = list(self._direct)
-                self._direct.clear()
+                direct, self._direct = self._direct, []
             try:
                 events = self._sequencer.window.after(self.cursor, limit)
             except LookupError:
@@ -343,9 +343,10 @@ class SessionSequencer:
         self._in_flight = 0  # events handed to the store, not yet committed
         self._senders = 0
         self._inbox_open = False
-        self._room = trio.Event()
-        self._kick = trio.Event()  # wakes ``run`` (a batch to store, or the end)
-        self._finished = trio.Event()
+        # Made when first needed (an idle session keeps none of them).
+        self._room: trio.Event | None = None  # wakes senders waiting for room
+        self._kick: trio.Event | None = None  # wakes ``run`` (a batch to store, or the end)
+        self._finished: trio.Event | None = None
         self._failure: BaseException | None = None
         self._on_end = on_end
         self._on_failure = on_failure
@@ -359,6 +360,11 @@ class SessionSequencer:
 
     async def wait_finished(self) -> None:
         """Wait until the stream has ended."""
+        if self.ended:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._finished is None:
+            self._finished = trio.Event()
         await self._finished.wait()
 
     @property
@@ -400,7 +406,13 @@ class SessionSequencer:
         return sub
 
     def _room_changed(self) -> None:
-        self._room.set()
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    def _wake_task(self) -> None:
+        if self._kick is not None:
+            self._kick.set()
 
     def room(self) -> int:
         """How many events may be stamped before a pacing reader would lose one.
@@ -436,9 +448,8 @@ class SessionSequencer:
             if self.ended:
                 raise trio.BrokenResourceError("the session's stream has ended")
             self.paced_waits += 1
-            if self._room.is_set():
-                # Stale; a waiter that is already waiting keeps the unset one it shares.
-                self._room = trio.Event()
+            if self._room is None:
+                self._room = trio.Event()  # shared by every waiting sender until set
             await self._room.wait()
         if self.ended:
             raise trio.BrokenResourceError("the session's stream has ended")
@@ -461,7 +472,7 @@ class SessionSequencer:
         """Hand the stamped events to the store as one batch."""
         append_soon = self._append_soon
         if append_soon is None:
-            self._kick.set()  # ``run`` awaits the store's ``append``
+            self._wake_task()  # ``run`` awaits the store's ``append``
             return
         batch, self._unstored = self._unstored, []
         self._in_flight = len(batch)
@@ -474,7 +485,7 @@ class SessionSequencer:
             if self._failure is None:
                 self._failure = error
             if self._task_driven:
-                self._kick.set()
+                self._wake_task()
             else:
                 self._end()
                 if self._on_failure is not None:
@@ -505,7 +516,7 @@ class SessionSequencer:
         if self._senders or self._inbox_open or not self._drained or self.ended:
             return
         if self._task_driven:
-            self._kick.set()  # ``run`` ends it
+            self._wake_task()  # ``run`` ends it
         else:
             self._end()
 
@@ -513,7 +524,8 @@ class SessionSequencer:
         if self.ended:
             return
         self.ended = True
-        self._finished.set()
+        if self._finished is not None:
+            self._finished.set()
         self._room_changed()
         for sub in self._subscriptions:
             sub.notify()
@@ -583,8 +595,8 @@ class SessionSequencer:
                 continue
             if self._senders == 0 and not self._inbox_open and self._drained:
                 return
-            self._kick = trio.Event()
-            await self._kick.wait()
+            kick = self._kick = trio.Event()
+            await kick.wait()
 
 
 class EventSender:

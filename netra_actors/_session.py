@@ -252,6 +252,9 @@ class Session:
         #: Whether the agent actor and the tool executor run (started by the first request).
         self._actors_started = False
         self._state_changed = trio.Event()
+        self._idle_since = 0.0  # when the session last became idle (trio time)
+        self._was_idle = True
+        self._idle_watching = False
         self.closing = False
         # Written by their owning actors, read by statistics() and the idle watch.
         self._active = 0
@@ -283,7 +286,8 @@ class Session:
             self._nursery = nursery
             if self.sequencer.needs_task:
                 nursery.start_soon(self._run_sequencer)
-            nursery.start_soon(self._idle_watch)
+            self._idle_since = trio.current_time()
+            self._watch_idle()
             self._ready.set()
             task_status.started()
 
@@ -337,6 +341,22 @@ class Session:
     def _changed(self) -> None:
         self._state_changed.set()
         self._state_changed = trio.Event()
+        idle = self.idle
+        if idle and not self._was_idle:
+            self._idle_since = trio.current_time()
+        self._was_idle = idle
+        if idle:
+            self._watch_idle()
+
+    def _watch_idle(self) -> None:
+        """Start the idle watch if the session is idle and none runs (it exists only
+        while the session is idle: a session in use keeps no task for it)."""
+        if not self._idle_watching and not self.closing and self._nursery is not None:
+            try:
+                self._nursery.start_soon(self._idle_watch)
+            except RuntimeError:
+                return  # the nursery is closed: the session has ended
+            self._idle_watching = True
 
     async def aclose(self, grace: float | None = None) -> None:
         """End the session: cancel its runs (reason ``shutdown``) and close its actors.
@@ -373,24 +393,25 @@ class Session:
             self._nursery.cancel_scope.cancel()
 
     async def _idle_watch(self) -> None:
-        """Close the session once it has stayed idle for ``idle_session_grace`` seconds.
+        """Close the session once it has stayed idle for ``idle_session_grace`` seconds
+        (counted from the moment it last became idle).
 
-        Ends as soon as the session starts closing for any reason.
+        Ends as soon as the session is in use again or starts closing.
         """
         grace = self._services.config.idle_session_grace
-        while not self.closing:
-            if not self.idle:
-                await self._state_changed.wait()
-                continue
-            with trio.move_on_after(grace):
-                while self.idle and not self.closing:
+        try:
+            while self.idle and not self.closing:
+                deadline = self._idle_since + grace
+                if trio.current_time() >= deadline:
+                    # Started as a sibling, not awaited here: the close waits for this
+                    # nursery, which waits for this task.
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._close, self._services.config.shutdown_grace)
+                    return
+                with trio.move_on_at(deadline):
                     await self._state_changed.wait()
-            if self.idle and not self.closing:
-                # Started as a sibling, not awaited here: the close waits for this
-                # nursery, which waits for this task.
-                assert self._nursery is not None
-                self._nursery.start_soon(self._close, self._services.config.shutdown_grace)
-                return
+        finally:
+            self._idle_watching = False
 
     # -- connections ----------------------------------------------------------------------
 
