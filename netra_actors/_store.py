@@ -731,7 +731,10 @@ class SqliteStore:
     ``synchronous``: ``"NORMAL"`` (a committed event survives a process crash)
     or ``"FULL"`` (it also survives a power loss or OS crash). ``cached_threads``:
     how many threads' histories ``conversations`` keeps parsed in memory (0: none;
-    see ``SqliteConversations``).
+    see ``SqliteConversations``). ``linger``: while writes keep coming (the
+    previous commit ended less than ten lingers ago), the writer waits this many
+    seconds before committing, so every session's writes of that moment share one
+    commit; a write after a quiet spell is committed at once.
     """
 
     def __init__(
@@ -742,12 +745,14 @@ class SqliteStore:
         max_messages: int = 200,
         max_batch: int = 1024,
         cached_threads: int = 1024,
+        linger: float = 0.0,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError("synchronous must be NORMAL or FULL")
         self.path = Path(path)
         self.synchronous = synchronous
         self.max_batch = max_batch
+        self.linger = linger
         self._conversations = SqliteConversations(self, max_messages, cached_threads)
         self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
         self._writer: sqlite3.Connection | None = None
@@ -800,10 +805,13 @@ class SqliteStore:
         """Open the file and commit writes until ``aclose``; see the module docstring."""
         await trio.to_thread.run_sync(self._open)
         batch: list[_Write] = []
+        previous = -math.inf
         try:
             task_status.started()
             async for first in self._receive:
                 batch = [first]
+                if self.linger and trio.current_time() - previous < 10 * self.linger:
+                    await trio.sleep(self.linger)  # busy: let this moment's writes gather
                 while len(batch) < self.max_batch:
                     try:
                         batch.append(self._receive.receive_nowait())
@@ -815,6 +823,7 @@ class SqliteStore:
                 for write in batch:
                     write.settle()
                 batch = []
+                previous = trio.current_time()
         finally:
             # Writes not committed (the batch in flight if the commit failed or never
             # ran, and whatever is queued) fail instead of waiting forever.
@@ -1114,6 +1123,6 @@ class SqliteStore:
         return dropped
 
 
-def open_store(data_dir: Path, *, synchronous: str = "NORMAL") -> SqliteStore:
+def open_store(data_dir: Path, *, synchronous: str = "NORMAL", linger: float = 0.0) -> SqliteStore:
     """The default store of a data folder."""
-    return SqliteStore(Path(data_dir) / DB_FILENAME, synchronous=synchronous)
+    return SqliteStore(Path(data_dir) / DB_FILENAME, synchronous=synchronous, linger=linger)
