@@ -162,10 +162,12 @@ class Config:
     send_timeout: float = attrs.field(
         default=30.0,
         validator=_positive,
-        metadata={"help": "a connection that cannot send one frame for this long is aborted"},
+        metadata={"help": "a connection whose write has not completed after this long is aborted"},
     )
     heartbeat_interval: float = attrs.field(
-        default=20.0, validator=_positive, metadata={"help": "seconds between server pings"}
+        default=20.0,
+        validator=_positive,
+        metadata={"help": "seconds without a frame from the client before the server pings it"},
     )
     heartbeat_timeout: float = attrs.field(
         default=20.0,
