@@ -372,7 +372,9 @@ class Gateway:
             if problem is not None:
                 await self._send_http(stream, problem)
             else:
-                await self._websocket(_ReplayStream(raw, stream), request)
+                replay = _ReplayStream(raw, stream)
+                del raw  # not kept for the connection's lifetime
+                await self._websocket(replay, request)
             return
         route = self.routes.get((request.method, request.path))
         if route is None:

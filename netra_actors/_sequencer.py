@@ -46,7 +46,7 @@ class ReplayWindow:
             raise ValueError("max_events must be at least 1")
         self.capacity = max_events
         self.max_age = max_age
-        self._events: deque[Event] = deque(maxlen=max_events)
+        self._events: deque[Event] | None = None  # made by the first append
         self._last_seq = 0
 
     @property
@@ -60,18 +60,21 @@ class ReplayWindow:
         return self._events[0].seq if self._events else self._last_seq + 1
 
     def __len__(self) -> int:
-        return len(self._events)
+        return len(self._events) if self._events is not None else 0
 
     def append(self, event: Event) -> None:
         """Append the next event; its ``seq`` must be ``last_seq + 1``."""
         if event.seq != self._last_seq + 1:
             raise ValueError(f"seq {event.seq} does not follow {self._last_seq}")
-        self._events.append(event)
+        events = self._events
+        if events is None:
+            events = self._events = deque(maxlen=self.capacity)
+        events.append(event)
         self._last_seq = event.seq
         if self.max_age is not None:
             horizon = event.ts - self.max_age
-            while self._events[0].ts < horizon:
-                self._events.popleft()
+            while events[0].ts < horizon:
+                events.popleft()
 
     def after(self, seq: int, limit: int | None = None) -> list[Event]:
         """The events with ``seq`` greater than ``seq``, oldest first (at most ``limit``).
@@ -82,10 +85,11 @@ class ReplayWindow:
         if seq >= self._last_seq:
             return []
         start = seq + 1 - self.oldest_seq
-        if start < 0:
+        events = self._events
+        if start < 0 or events is None:
             raise LookupError(f"events after seq {seq} are no longer in the window")
-        stop = len(self._events) if limit is None else min(len(self._events), start + limit)
-        return [self._events[i] for i in range(start, stop)]
+        stop = len(events) if limit is None else min(len(events), start + limit)
+        return [events[i] for i in range(start, stop)]
 
 
 def encode_json(frame: Any) -> str:

@@ -248,7 +248,7 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self._ready = trio.Event()
         self._closed = trio.Event()
-        self._runs_done = trio.Event()
+        self._runs_done: trio.Event  # made with the actors (see _start_actors)
         #: Whether the agent actor and the tool executor run (started by the first request).
         self._actors_started = False
         self._state_changed = trio.Event()
@@ -298,6 +298,7 @@ class Session:
             return
         assert self._nursery is not None
         self._actors_started = True
+        self._runs_done = trio.Event()
         self._agent_send, agent_recv = trio.open_memory_channel[AgentInbox](INBOX_CAPACITY)
         self._tool_send, tool_recv = trio.open_memory_channel[ToolInbox](INBOX_CAPACITY)
         self._nursery.start_soon(

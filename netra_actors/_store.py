@@ -45,7 +45,7 @@ from ._messages import Event
 from ._sequencer import encode_json
 from ._tracker import FINISHED_STATES, RunState, state_after
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 logger = logging.getLogger("netra_actors.store")
 DB_FILENAME = "netra.sqlite3"
 
@@ -521,6 +521,11 @@ MIGRATIONS: tuple[str, ...] = (
         body      TEXT NOT NULL,
         PRIMARY KEY (user_id, thread_id, pos)
     ) WITHOUT ROWID;
+    """,
+    # v2: a run's events are found by the seq range its row keeps (first_seq..last_seq),
+    # so every event insert no longer updates a second b-tree (about half its cost).
+    """
+    DROP INDEX events_by_run;
     """,
 )
 
@@ -1053,7 +1058,8 @@ class SqliteStore:
 
     async def run_events(self, run_id: str) -> list[Event]:
         rows = await self._read(
-            "SELECT e.frame FROM events e JOIN runs r ON r.session_id = e.session_id "
+            "SELECT e.frame FROM runs r JOIN events e ON e.session_id = r.session_id "
+            "AND e.seq BETWEEN r.first_seq AND r.last_seq "
             "WHERE r.run_id = ? AND e.run_id = ? ORDER BY e.seq",
             (run_id, run_id),
         )
