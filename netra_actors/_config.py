@@ -209,7 +209,7 @@ class Config:
         validator=_non_negative,
         metadata={
             "help": "seconds a busy stream's writer waits to send what accumulated in one "
-            "write, and the SQLite writer to commit it (0: never wait)"
+            "write (0: never wait)"
         },
     )
     # -- runs ---------------------------------------------------------------------------

@@ -137,11 +137,7 @@ class Runtime:
     ) -> None:
         self.config = config or Config()
         if store is None and self.config.store == "sqlite":
-            store = open_store(
-                self.config.data_dir,
-                synchronous=self.config.sqlite_synchronous,
-                linger=self.config.write_linger,
-            )
+            store = open_store(self.config.data_dir, synchronous=self.config.sqlite_synchronous)
         #: The store, when it is a full ``RunStore`` (runs, resume across restarts).
         self.store = store if isinstance(store, RunStore) else None
         if conversations is None and self.store is not None:

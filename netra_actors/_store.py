@@ -46,6 +46,8 @@ from ._sequencer import encode_json
 from ._tracker import FINISHED_STATES, RunState, state_after
 
 SCHEMA_VERSION = 2
+#: Seconds between WAL checkpoints while writes come (each in a worker thread).
+CHECKPOINT_EVERY = 0.25
 logger = logging.getLogger("netra_actors.store")
 DB_FILENAME = "netra.sqlite3"
 
@@ -762,6 +764,11 @@ class SqliteStore:
         self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpointing = False
+        self._checkpointed = trio.Event()  # set (and replaced) after each checkpoint
+        #: WAL checkpoints made (off the commit path, see ``_checkpoint``).
+        self.checkpoints = 0
         self._read_lock = trio.Lock()
         self._stopped = trio.Event()
         #: Commits made, and writes they carried (group commit: writes >= commits).
@@ -803,32 +810,58 @@ class SqliteStore:
                 writer.execute("ROLLBACK")
                 writer.close()
                 raise
+        # The writer never checkpoints inside a commit (a checkpoint there holds up
+        # every session waiting for that commit); _checkpoint does it on the side.
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
         self._writer = writer
         self._reader = self._connect()
+        self._checkpointer = self._connect()
+
+    def _checkpoint(self) -> None:
+        """Copy committed WAL pages into the database file (PASSIVE: never blocks the
+        writer or a reader), so the WAL is reused instead of growing."""
+        db = self._checkpointer
+        if db is not None:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    async def _checkpoint_in_thread(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self._checkpoint)
+            self.checkpoints += 1
+        except sqlite3.Error:
+            logger.warning("WAL checkpoint of %s failed", self.path, exc_info=True)
+        finally:
+            self._checkpointing = False
+            self._checkpointed.set()
+            self._checkpointed = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the file and commit writes until ``aclose``; see the module docstring."""
         await trio.to_thread.run_sync(self._open)
         batch: list[_Write] = []
-        previous = -math.inf
+        previous = last_checkpoint = -math.inf
         try:
-            task_status.started()
-            async for first in self._receive:
-                batch = [first]
-                if self.linger and trio.current_time() - previous < 10 * self.linger:
-                    await trio.sleep(self.linger)  # busy: let this moment's writes gather
-                while len(batch) < self.max_batch:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                # Not abandoned on cancel: a commit that started completes, and its
-                # writers are told so before the next checkpoint.
-                await trio.to_thread.run_sync(self._commit, batch)
-                for write in batch:
-                    write.settle()
-                batch = []
-                previous = trio.current_time()
+            async with trio.open_nursery() as background:
+                task_status.started()
+                async for first in self._receive:
+                    batch = [first]
+                    if self.linger and trio.current_time() - previous < 10 * self.linger:
+                        await trio.sleep(self.linger)  # busy: let this moment's writes gather
+                    while len(batch) < self.max_batch:
+                        try:
+                            batch.append(self._receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    # Not abandoned on cancel: a commit that started completes, and its
+                    # writers are told so before the next checkpoint.
+                    await trio.to_thread.run_sync(self._commit, batch)
+                    for write in batch:
+                        write.settle()
+                    batch = []
+                    previous = trio.current_time()
+                    if not self._checkpointing and previous - last_checkpoint >= CHECKPOINT_EVERY:
+                        self._checkpointing, last_checkpoint = True, previous
+                        background.start_soon(self._checkpoint_in_thread)
         finally:
             # Writes not committed (the batch in flight if the commit failed or never
             # ran, and whatever is queued) fail instead of waiting forever.
@@ -878,10 +911,10 @@ class SqliteStore:
         self.writes += len(batch)
 
     def _close_files(self) -> None:
-        for db in (self._writer, self._reader):
+        for db in (self._writer, self._reader, self._checkpointer):
             if db is not None:
                 db.close()
-        self._writer = self._reader = None
+        self._writer = self._reader = self._checkpointer = None
 
     async def aclose(self) -> None:
         self._send.close()

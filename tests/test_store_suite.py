@@ -85,6 +85,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+import netra_actors._store as store_module
 from netra_actors._llm import ChatMessage
 from netra_actors._messages import EmitEvent, Event, ToolCall
 from netra_actors._sequencer import stamp
@@ -1531,6 +1532,31 @@ async def test_sqlite_group_commit(tmp_path: Path) -> None:
         assert len(await store.list_runs(state="completed", limit=BIG)) == 50
         for i in range(50):
             assert seqs(await store.events_after(f"s-{i}", 0, BIG)) == [1, 2]
+
+
+async def test_sqlite_checkpoints_off_the_commit_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits never checkpoint the WAL themselves (that would hold up every session
+    waiting for the commit); the store checkpoints on the side, so committed events
+    reach the database file while the store stays open and the WAL is reused."""
+    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 0.0)
+    path = tmp_path / DB_FILENAME
+    store = SqliteStore(path)
+    async with started(store):
+        assert store._writer is not None
+        assert store._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        stream = await new_stream(store)
+        with trio.fail_after(10):
+            for i in range(5):
+                checkpointed = store._checkpointed
+                await store.append(stream.session_id, stream.finished_run(f"r-{i}"))
+                await checkpointed.wait()
+        assert store.checkpoints >= 5
+        # The database file itself (the WAL ignored) holds every committed event.
+        with closing(sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)) as db:
+            assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 15
+        assert seqs(await store.events_after(stream.session_id, 0, BIG)) == list(range(1, 16))
 
 
 async def test_sqlite_a_refused_write_does_not_roll_back_its_batch(tmp_path: Path) -> None:
