@@ -212,6 +212,9 @@ async def _read_head(stream: trio.abc.Stream) -> tuple[HttpRequest, bytes]:
         except h11.RemoteProtocolError as exc:
             raise _BadRequest(f"malformed request: {exc}") from None
         if isinstance(event, h11.Request):
+            if event.http_version not in (b"1.0", b"1.1"):
+                # h11 takes any HTTP/d.d; nothing here speaks another version.
+                raise _BadRequest(f"unsupported HTTP version {event.http_version.decode()!r}")
             headers: dict[str, str] = {}
             for name, value in event.headers:  # repeated headers join as one list (RFC 9110)
                 key, text = name.decode("latin-1").lower(), value.decode("latin-1")
@@ -477,13 +480,17 @@ class Gateway:
             await self._refuse(request, 400, "bad_request", str(exc))
             return
         ws = await request.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in proposed else None)
+        traceparent = head.headers.get("traceparent")
+        session_hint = next(iter(head.query.get("session_id", [])), None)
+        if isinstance(head.headers, dict):
+            head.headers.clear()  # read: not kept for the connection's lifetime
         try:
             await self.runtime.serve_connection(
                 user_id,
                 TrioWebSocketTransport(ws, stream.stream),
-                traceparent=head.headers.get("traceparent"),
+                traceparent=traceparent,
                 after_seq=after_seq,
-                session_hint=next(iter(head.query.get("session_id", [])), None),
+                session_hint=session_hint,
                 batch=batch or 1,
             )
         except RuntimeClosed:

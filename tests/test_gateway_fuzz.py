@@ -33,6 +33,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import string
 import struct
 import time
@@ -67,6 +68,7 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from netra_actors import Config, Gateway, Runtime, TransportClosed, issue_token
+from netra_actors._gateway import WEB_FILES
 from netra_actors._protocol import ERROR_CODES
 from netra_actors.testing import TERMINAL_EVENTS, check_lifecycle
 
@@ -1179,13 +1181,22 @@ def mutated_heads(draw: st.DrawFn) -> Head:
     return Head(mutated, ANY_ANSWER, "mutated", eof=draw(st.booleans()), keyed=False)
 
 
+#: A head that asks for a page the gateway serves (random bytes can be one: "GET / HTTP/1.0").
+_SERVED_GET = re.compile(
+    rb"GET (?:" + b"|".join(re.escape(p.encode()) for p in (*WEB_FILES, "/healthz")) + rb")"
+    rb"(?:\?[^ \r\n]*)? HTTP/1\.[01]\r?\n"
+)
+
+
+def _garbage(data: bytes, eof: bool) -> Head:
+    # h11 is lenient: some garbage parses as a request ("! ! HTTP/1.0\n\n": 404), and some
+    # of that asks for a page the gateway serves (200).
+    expect = {None, 400, 404} | ({200} if _SERVED_GET.match(data) else set())
+    return Head(data, frozenset(expect), "garbage", eof=eof, keyed=False)
+
+
 garbage_heads = st.one_of(
-    # h11 is lenient: some garbage parses as a request ("! ! HTTP/0.0\n\n": 404).
-    st.builds(
-        lambda data, eof: Head(data, frozenset({None, 400, 404}), "garbage", eof=eof, keyed=False),
-        st.binary(max_size=200),
-        st.booleans(),
-    ),
+    st.builds(_garbage, st.binary(max_size=200), st.booleans()),
     st.builds(
         lambda tail, eof: Head(b"GET /" + tail, ANY_ANSWER, "GET garbage", eof=eof, keyed=False),
         st.binary(max_size=100),
@@ -1197,7 +1208,12 @@ garbage_heads = st.one_of(
 def check_body(client: RawClient) -> None:
     """A refusal's body is the documented JSON, whichever layer refused."""
     status = client.status
-    if status == 200:
+    if status == 200 and client.headers.get("content-type") != "application/json":
+        # A page of the web client: one of the files, as served.
+        types = {content_type for _, content_type in WEB_FILES.values()}
+        assert client.headers.get("content-type") in types, client.headers
+        assert client.body, "an empty page"
+    elif status == 200:
         body = json.loads(client.body)
         assert body["status"] == "ok", body
     elif status in REFUSALS:
