@@ -246,7 +246,7 @@ class Session:
         self._agent_send: trio.MemorySendChannel[AgentInbox]
         self._tool_send: trio.MemorySendChannel[ToolInbox]
         self._nursery: trio.Nursery | None = None
-        self._ready = trio.Event()
+        self._ready: trio.Event | None = trio.Event()  # dropped once the session is ready
         self._closed = trio.Event()
         self._runs_done: trio.Event  # made with the actors (see _start_actors)
         #: Whether the agent actor and the tool executor run (started by the first request).
@@ -288,7 +288,9 @@ class Session:
                 nursery.start_soon(self._run_sequencer)
             self._idle_since = trio.current_time()
             self._watch_idle()
-            self._ready.set()
+            ready, self._ready = self._ready, None
+            if ready is not None:
+                ready.set()
             task_status.started()
 
     def _start_actors(self) -> None:
@@ -328,7 +330,10 @@ class Session:
             self._nursery.cancel_scope.cancel()
 
     async def wait_ready(self) -> None:
-        await self._ready.wait()
+        if self._ready is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._ready.wait()
 
     async def wait_closed(self) -> None:
         """Wait until the session has ended (closed, idle teardown, or crashed)."""
