@@ -35,6 +35,7 @@ What differs from the built-in gateway:
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -106,6 +107,9 @@ class AsgiTransport:
         self.close_reason: str | None = None
         #: Whether the connection was aborted (no close frame was sent).
         self.aborted = False
+        # The asyncio task of a ``receive`` whose Trio caller was cancelled: the next
+        # ``receive`` takes its message (so a cancelled receive never loses one).
+        self._pending: tuple[asyncio.Future[Mapping[str, Any]], trio.Event] | None = None
 
     @classmethod
     def from_websocket(cls, websocket: AsgiWebSocket) -> AsgiTransport:
@@ -130,12 +134,25 @@ class AsgiTransport:
             raise self._closed(getattr(exc, "code", None)) from None
 
     async def receive(self) -> str | bytes:
+        """The next message. Cancel-safe: a cancelled call leaves the ASGI ``receive``
+        running, and the next call returns its message."""
         if self.close_code is not None:
             raise TransportClosed(self.close_code, self.close_reason)
-        try:
-            message = await run_asyncio(self._receive)
-        except Exception as exc:
-            raise self._closed(getattr(exc, "code", None)) from None
+        if self._pending is None:
+            started = asyncio.ensure_future(self._receive())
+            ready = trio.Event()
+            # asyncio calls this on the shared thread; setting a trio.Event there is allowed.
+            started.add_done_callback(lambda _: ready.set())
+            self._pending = (started, ready)
+        task, done = self._pending
+        await done.wait()
+        self._pending = None
+        if task.cancelled():
+            raise self._closed(None)
+        error = task.exception()
+        if error is not None:
+            raise self._closed(getattr(error, "code", None)) from None
+        message = task.result()
         kind = message.get("type")
         if kind == "websocket.receive":
             text = message.get("text")
@@ -149,8 +166,10 @@ class AsgiTransport:
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Send ``websocket.close``; idempotent, and quiet if the peer is already gone."""
         if self.close_code is not None:
+            self._drop_pending()
             return
         self.close_code, self.close_reason = code, reason
+        self._drop_pending()
         message = {"type": "websocket.close", "code": code, "reason": _reason(reason)}
         try:
             await run_asyncio(self._send, message)
@@ -168,7 +187,13 @@ class AsgiTransport:
         and the ASGI server drops the connection."""
         self.aborted = True
         self._closed(CLOSE_ABNORMAL, "aborted")
+        self._drop_pending()
         await trio.lowlevel.checkpoint()
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None:
+            self._pending[0].cancel()
+            self._pending = None
 
 
 # -- authentication ----------------------------------------------------------------------------

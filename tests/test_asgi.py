@@ -406,6 +406,45 @@ def test_transport_over_raw_asgi_callables(make_config: MakeConfig) -> None:
     ]
 
 
+def test_a_cancelled_receive_loses_no_message(make_config: MakeConfig) -> None:
+    """The connection's reader cancels ``receive`` after a quiet heartbeat interval; a
+    message that the ASGI server hands over just then is returned by the next
+    ``receive``, never dropped."""
+    got: list[str | bytes] = []
+    calls: list[int] = []
+
+    async def main() -> None:
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def asgi_receive() -> dict[str, Any]:
+            calls.append(1)
+            return await inbox.get()
+
+        async def send(message: dict[str, Any]) -> None:
+            await asyncio.sleep(0)
+
+        async def exercise() -> None:
+            transport = AsgiTransport(asgi_receive, send)
+            for text in ("first", "second"):
+                with trio.move_on_after(0.01) as quiet:
+                    await transport.receive()  # nothing comes: cancelled while waiting
+                assert quiet.cancelled_caught
+                inbox.put_nowait({"type": "websocket.receive", "text": text})
+                got.append(await transport.receive())
+            inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
+            with pytest.raises(TransportClosed):
+                await transport.receive()
+
+        async with AsyncioRuntime(make_config()) as rt:
+            await rt.call(exercise)
+
+    asyncio.run(main())
+    assert got == ["first", "second"]
+    # One ASGI receive per message: a cancelled call never abandoned one (which, had a
+    # message come at that moment, would have taken it with it).
+    assert len(calls) == 3
+
+
 # --- the protocol's behaviour does not depend on the transport ------------------------------
 
 
