@@ -30,7 +30,11 @@ class Transport(Protocol):
         """
 
     async def receive(self) -> str | bytes:
-        """The next message (text, or bytes for a binary frame). Raises ``TransportClosed``."""
+        """The next message (text, or bytes for a binary frame). Raises ``TransportClosed``.
+
+        Must be cancel-safe: a cancelled call loses no message (the connection cancels
+        it after every quiet ``heartbeat_interval``, to ping the peer).
+        """
         ...
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
