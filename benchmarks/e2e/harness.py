@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -84,6 +85,10 @@ def run_bench(
     return results
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
@@ -104,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         report.charts(results["points"], args.charts)
         print(report.markdown(results))
         return 0
+    # SIGTERM (a stopped `make`, a killed job) unwinds like Ctrl-C, so every server and
+    # client process the harness started is stopped by its `finally`, not left running.
+    signal.signal(signal.SIGTERM, _terminate)
     profile = PROFILES[args.profile]
     if args.procs:
         profile = replace(profile, procs=args.procs)
