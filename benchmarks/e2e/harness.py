@@ -26,7 +26,7 @@ from typing import Any
 
 from . import report
 from .scenarios import PROFILES, Bench, Profile, parse_only
-from .servers import REPO
+from .servers import REPO, stop_all
 
 
 def raise_open_files(wanted: int) -> int:
@@ -115,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     profile = PROFILES[args.profile]
     if args.procs:
         profile = replace(profile, procs=args.procs)
-    results = run_bench(profile, args.out, args.charts, parse_only(args.only))
+    try:
+        results = run_bench(profile, args.out, args.charts, parse_only(args.only))
+    finally:
+        stop_all()  # whatever an interrupted scenario left running
     print()
     print(report.markdown(results))
     print(f"wall {results['wall_s']:.0f} s; results in {args.out}, charts in {args.charts}")

@@ -156,6 +156,16 @@ def target(user: str, batch: int = 1) -> str:
     return f"/ws?{query}"
 
 
+#: Every server process started and not yet stopped (``stop_all`` stops them).
+_LIVE: set[ServerProcess] = set()
+
+
+def stop_all() -> None:
+    """Stop every server still running (the harness's last resort, e.g. on SIGTERM)."""
+    for server in list(_LIVE):
+        server.stop()
+
+
 class ServerProcess:
     """A server child process: ``netra`` (``python -m netra_actors serve``) or a baseline."""
 
@@ -189,6 +199,7 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 self.cmd, stdout=subprocess.PIPE, stderr=log, env=self.env, cwd=self.workdir
             )
+        _LIVE.add(self)
         assert self.process.stdout is not None
         out = self.process.stdout
         deadline = time.monotonic() + timeout
@@ -227,6 +238,7 @@ class ServerProcess:
     def stop(self) -> dict[str, Any]:
         """SIGTERM (graceful), SIGKILL after 15 s; exit code and what the log says."""
         assert self.process is not None
+        _LIVE.discard(self)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -238,7 +250,10 @@ class ServerProcess:
             self._drainer.join(5)
         elif self.process.stdout is not None:
             self.process.stdout.close()
-        log = self.log_path.read_text("utf-8", "replace").splitlines()
+        try:
+            log = self.log_path.read_text("utf-8", "replace").splitlines()
+        except OSError:  # its folder is gone (the harness is being interrupted)
+            log = []
         return {
             "exit_code": self.process.returncode,
             "log_errors": sum(1 for line in log if " ERROR " in line or "Traceback" in line),
