@@ -197,7 +197,9 @@ def test_refusals(expression: str) -> None:
 
 def test_length_limit_counts_the_stripped_text() -> None:
     """Surrounding whitespace does not count towards ``MAX_EXPRESSION_LENGTH``."""
-    assert calculate("  " + "1" * MAX_EXPRESSION_LENGTH + "  ") == float("1" * MAX_EXPRESSION_LENGTH)
+    assert calculate("  " + "1" * MAX_EXPRESSION_LENGTH + "  ") == float(
+        "1" * MAX_EXPRESSION_LENGTH
+    )
 
 
 @pytest.mark.parametrize("expression", ["(-8)**0.5", "(-1)^(1/3)"])

@@ -224,8 +224,6 @@ def test_serve_refuses_invalid_values_before_serving(
     assert "max_steps" in capsys.readouterr().err
 
 
-
-
 def test_banner_shows_url_and_token() -> None:
     """The startup banner names the WebSocket URL, the agent and a ready-to-use token URL."""
     config = Config(host="127.0.0.1", agent="demo")
