@@ -310,8 +310,11 @@ class Connection:
                     # 4008 when nothing is being written, else abort (a close frame
                     # cannot get past a send the peer is not reading).
                     raise _Close(CLOSE_LAGGING, abort=self._sending)
-        except TransportClosed:
-            pass
+        except TransportClosed as exc:
+            if exc.code == CLOSE_ABNORMAL:
+                # Dropped, not closed (no close frame): report it as such (1006), whether
+                # the reader or the writer notices first.
+                raise _Close(CLOSE_ABNORMAL, abort=True) from None
         # The client is gone: nothing more to write.
         done.cancel()
 
