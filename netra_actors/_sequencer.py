@@ -245,6 +245,7 @@ class Subscription:
     def reposition(self, after_seq: int) -> None:
         """Restart the stream after ``after_seq`` (a client's ``resume``)."""
         self.cursor = after_seq
+        self._sequencer._room_may_shrink()
         self._sequencer._room_changed()
         self._wake.set()
 
@@ -253,6 +254,7 @@ class Subscription:
         if not self.closed:
             self.closed = True
             self._sequencer._subscriptions.discard(self)
+            self._sequencer._room_may_shrink()  # it may have been the fastest reader
             self._sequencer._room_changed()
             self._wake.set()
 
@@ -343,6 +345,10 @@ class SessionSequencer:
         self.ended = False
         #: The ``seq`` of the newest stamped event (published or waiting for the store).
         self._stamped = last_seq
+        #: Events up to this ``seq`` may be stamped without asking ``room`` again: room
+        #: only grows as readers advance, so it is recomputed when this is reached, or
+        #: when a reader is added, moved back or closed (``_room_may_shrink``).
+        self._open_until = last_seq
         self._unstored: list[Event] = []  # stamped, not yet handed to the store
         self._in_flight = 0  # events handed to the store, not yet committed
         self._senders = 0
@@ -407,6 +413,7 @@ class SessionSequencer:
             sub.closed = True
         else:
             self._subscriptions.add(sub)
+            self._room_may_shrink()
         return sub
 
     def _room_changed(self) -> None:
@@ -432,8 +439,20 @@ class SessionSequencer:
         return self.window.capacity - (self._stamped - max(leads))
 
     def accepting(self) -> bool:
-        """Whether an event can be stamped now (room for readers, store keeping up)."""
-        return len(self._unstored) < self.MAX_UNSTORED and self.room() > 0
+        """Whether an event can be stamped now (room for readers, store keeping up).
+
+        O(1) per event: ``room`` (which looks at every reader) is asked once per
+        window's worth of events, not for each one.
+        """
+        if len(self._unstored) >= self.MAX_UNSTORED:
+            return False
+        if self._stamped < self._open_until:
+            return True
+        self._open_until = self._stamped + self.room()
+        return self._stamped < self._open_until
+
+    def _room_may_shrink(self) -> None:
+        self._open_until = self._stamped
 
     def sender(self) -> EventSender:
         """A new open sending handle; the stream ends once every handle is closed."""

@@ -531,3 +531,30 @@ async def test_store_persists_each_batch_before_readers_see_it(
     for session_id, seqs, window_last in store.batches:
         assert session_id == "s-9"
         assert window_last == seqs[0] - 1
+
+
+async def test_pacing_follows_the_fastest_reader_and_the_next_one_when_it_leaves(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Senders are held back only by the fastest pacing reader; when it closes, the next
+    fastest holds them back at once (no event stamped past what that reader can keep)."""
+    sequencer = SessionSequencer("s-1", window_events=5)
+    slow = sequencer.subscribe()
+    fast = sequencer.subscribe()
+    send = sequencer.sender()
+    for i in range(5):
+        send.send_nowait(_emit(i))
+    with pytest.raises(trio.WouldBlock):  # the window is full of events nobody took
+        send.send_nowait(_emit(5))
+    batch = await fast.next_batch()
+    assert batch is not None
+    assert _seqs(batch[1]) == [1, 2, 3, 4, 5]
+    send.send_nowait(_emit(5))  # the fast reader made room
+    fast.close()
+    with pytest.raises(trio.WouldBlock):  # now the slow reader (at 0) sets the pace
+        send.send_nowait(_emit(6))
+    assert sequencer.window.last_seq == 6
+    slow.close()  # no pacing reader left: nothing holds the sender back
+    send.send_nowait(_emit(6))
+    assert sequencer.window.last_seq == 7
+    send.close()
