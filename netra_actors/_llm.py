@@ -9,6 +9,7 @@ provider plugs into the same interface.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
@@ -112,10 +113,15 @@ Script = Callable[[ChatRequest], ScriptedTurn]
 class ScriptedLLMProvider:
     """A deterministic model: a function of the conversation decides each turn.
 
-    Chunks are yielded as fast as the runtime takes them (one checkpoint each,
-    so a run stays cancellable). A turn with ``error`` raises ``LLMError`` after
-    its reasoning, as a failing real provider would mid-stream.
+    Chunks are yielded as fast as the runtime takes them. Each chunk is a
+    cancellation point (a cancelled run stops at the next chunk), and every
+    ``YIELD_EVERY`` chunks the provider lets other tasks run, as a model's
+    network stream would: a scheduler pass per chunk would cost more than the
+    event the chunk becomes. A turn with ``error`` raises ``LLMError`` after its
+    reasoning, as a failing real provider would mid-stream.
     """
+
+    YIELD_EVERY = 8
 
     def __init__(self, script: Script, *, name: str = "scripted") -> None:
         self.name = name
@@ -123,23 +129,41 @@ class ScriptedLLMProvider:
 
     async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[LLMChunk, None]:
         turn = self._script(request)
-        prompt_tokens = sum(len(m.content.split()) for m in request.messages)
+        prompt_tokens = sum(_words_in(m.content) for m in request.messages)
         completion_tokens = 0
+        every = self.YIELD_EVERY
+        chunks = 0
         for text in turn.reasoning:
-            await trio.lowlevel.checkpoint()
+            chunks = await _pace(chunks, every)
             completion_tokens += len(text.split())
             yield ReasoningDelta(text)
         if turn.error is not None:
             await trio.lowlevel.checkpoint()
             raise LLMError(turn.error)
         for text in turn.answer:
-            await trio.lowlevel.checkpoint()
+            chunks = await _pace(chunks, every)
             completion_tokens += 1
             yield TextDelta(text)
         if turn.tool_calls:
             await trio.lowlevel.checkpoint()
             yield ToolCallsReady(turn.tool_calls)
         yield Usage(prompt_tokens, completion_tokens)
+
+
+@functools.lru_cache(maxsize=4096)
+def _words_in(text: str) -> int:
+    """The scripted model's token count of a message (a thread's history is sent, and
+    counted, again with every turn: counted once per message instead)."""
+    return len(text.split())
+
+
+async def _pace(chunks: int, every: int) -> int:
+    """A cancellation point; a scheduling point once every ``every`` calls."""
+    if chunks % every == 0:
+        await trio.lowlevel.checkpoint()
+    else:
+        await trio.lowlevel.checkpoint_if_cancelled()
+    return chunks + 1
 
 
 class LLMManager:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .scenarios import PROFILES, Bench, Profile, parse_only
+from .scenarios import PROFILES, Bench, Profile, only_configs, parse_only
 from .servers import REPO, stop_all
 
 
@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--only", default=None, help="comma-separated scenarios")
     parser.add_argument("--procs", type=int, default=None, help="client processes")
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated configurations: run only these of the profile's (for example "
+        "netra-sqlite,trio-ws)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--charts", type=Path, default=REPO / "docs" / "bench")
     parser.add_argument(
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = PROFILES[args.profile]
     if args.procs:
         profile = replace(profile, procs=args.procs)
+    if args.configs:
+        profile = only_configs(profile, set(args.configs.split(",")))
     try:
         results = run_bench(profile, args.out, args.charts, parse_only(args.only))
     finally:

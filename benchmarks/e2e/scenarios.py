@@ -30,7 +30,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +217,14 @@ PROFILES = {
 
 def _f1(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def only_configs(profile: Profile, names: set[str]) -> Profile:
+    """``profile`` with every scenario's configurations cut down to ``names``."""
+    names_of = [f.name for f in fields(profile) if f.name.endswith("_configs")]
+    return replace(
+        profile, **{f: tuple(c for c in getattr(profile, f) if c in names) for f in names_of}
+    )
 
 
 def expected_events(text: str) -> int:
