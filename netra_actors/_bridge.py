@@ -198,6 +198,9 @@ class AgentWebSocketBridge:
             for call, reply in submitted:
                 await self._cancel_and_wait(call, reply)
             raise
+        if len(submitted) == 1:
+            # The usual case: no nursery and no task for one call.
+            return [await self._result(*submitted[0])]
         results: list[ToolResult | None] = [None] * len(submitted)
 
         async def one(

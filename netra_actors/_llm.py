@@ -217,12 +217,14 @@ class LLMManager:
         trace = request.trace or UnifiedTraceContext.new_root()
         with self.telemetry.span("llm", source.name, trace, {"model": model}) as span:
             chunks = source.stream_chat(request)
+            exhausted = False
             try:
                 async for chunk in chunks:
                     if isinstance(chunk, Usage):
                         span["prompt_tokens"] = chunk.prompt_tokens
                         span["completion_tokens"] = chunk.completion_tokens
                     yield chunk
+                exhausted = True
             except LLMError as exc:
                 span["error"] = str(exc)
                 raise
@@ -232,6 +234,6 @@ class LLMManager:
             finally:
                 # Close the provider's generator now (and its HTTP stream), not at GC.
                 aclose = getattr(chunks, "aclose", None)
-                if aclose is not None:
+                if aclose is not None and not exhausted:
                     with trio.CancelScope(shield=True):
                         await aclose()

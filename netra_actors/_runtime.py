@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -49,6 +49,8 @@ class RuntimeStatistics:
     connections: int
     active_runs: int
     queued_runs: int
+    #: Tasks the runtime runs for sessions and connections; not its own services (the
+    #: store's writer, retention, the stall watch), which live as long as it does.
     tasks: int
 
 
@@ -179,6 +181,8 @@ class Runtime:
         # Users whose session is being set up (reading the store), to set up one only.
         self._starting: dict[str, trio.Event] = {}
         self._background = trio.CancelScope()
+        self._watching = trio.CancelScope()  # the stall watch, stopped once sessions closed
+        self._service_tasks: set[trio.lowlevel.Task] = set()
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: Any = None
         self._closing = False
@@ -189,11 +193,12 @@ class Runtime:
     async def __aenter__(self) -> Runtime:
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
+        self._nursery.start_soon(self._service, self._watch_stalls)
         if self.store is not None:
             try:
-                await self._nursery.start(self.store.run)
+                await self._nursery.start(self._service, self.store.run)
                 await self.recover()
-                self._nursery.start_soon(self._retention)
+                self._nursery.start_soon(self._service, self._retention)
             except BaseException as exc:
                 self._nursery.cancel_scope.cancel()
                 await self._nursery_cm.__aexit__(type(exc), exc, exc.__traceback__)
@@ -231,6 +236,7 @@ class Runtime:
             for session in self.manager.sessions():
                 nursery.start_soon(session.aclose)
         self._background.cancel()
+        self._watching.cancel()
         if self.store is not None:
             await self.store.aclose()
 
@@ -319,6 +325,27 @@ class Runtime:
             if stored is not None and stored.session_id == session.session_id:
                 session.sequencer.stored_from = stored.first_seq
         return dropped
+
+    async def _service(
+        self,
+        fn: Callable[..., Awaitable[None]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run one of the runtime's own services (not counted in ``statistics().tasks``)."""
+        task = trio.lowlevel.current_task()
+        self._service_tasks.add(task)
+        try:
+            if task_status is trio.TASK_STATUS_IGNORED:
+                await fn()
+            else:
+                await fn(task_status=task_status)
+        finally:
+            self._service_tasks.discard(task)
+
+    async def _watch_stalls(self) -> None:
+        with self._watching:
+            await self._services.stall_watch.run()
 
     async def _retention(self) -> None:
         with self._background:
@@ -483,7 +510,9 @@ class Runtime:
             connections=sum(s.connections for s in sessions),
             active_runs=sum(s.active_runs for s in sessions),
             queued_runs=sum(s.queued_runs for s in sessions),
-            tasks=len(self._nursery.child_tasks) if self._nursery is not None else 0,
+            tasks=len(self._nursery.child_tasks - self._service_tasks)
+            if self._nursery is not None
+            else 0,
         )
 
     # -- execution tracking -------------------------------------------------------------------

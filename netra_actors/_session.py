@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -77,6 +78,8 @@ class SessionServices:
     tracker: ExecutionTracker = attrs.field(factory=ExecutionTracker)
     #: Run deadlines by agent name, overriding ``config.run_timeout``.
     run_timeouts: Mapping[str, float | None] = attrs.field(factory=dict)
+    #: Watches every run's stall limit (its ``run`` is a task of the runtime).
+    stall_watch: StallWatch = attrs.field(factory=lambda: StallWatch())
 
 
 @attrs.frozen
@@ -170,40 +173,90 @@ class _RunControl:
 class _RunLimits:
     """A run's deadline (``timeout`` seconds from its start) and stall limit (``stall``
     seconds without an event or a tool result). Either ends the agent by cancelling it
-    (its tools get ``tool_completed`` cancelled as on any cancel) and sets ``exceeded``."""
+    (its tools get ``tool_completed`` cancelled as on any cancel) and sets ``exceeded``.
+    Stalls are watched by the runtime's ``StallWatch``, not by a task of the run's own."""
 
-    def __init__(self, timeout: float | None, stall: float | None) -> None:
+    __slots__ = ("_watch", "bridge", "exceeded", "scope", "stall", "timeout")
+
+    def __init__(self, timeout: float | None, stall: float | None, watch: StallWatch) -> None:
         self.timeout = timeout
         self.stall = stall
         self.scope = trio.CancelScope()
         self.exceeded: ErrorInfo | None = None
+        self.bridge: AgentWebSocketBridge | None = None
+        self._watch = watch
 
     async def run(self, agent: Agent, bridge: AgentWebSocketBridge) -> str | None:
         if self.timeout is not None:
             self.scope.deadline = trio.current_time() + self.timeout
         result: str | None = None
         with self.scope:
-            async with trio.open_nursery() as nursery:
-                if self.stall is not None:
-                    nursery.start_soon(self._watch_stall, bridge, self.stall)
+            if self.stall is None:
                 result = await agent(bridge)
-                nursery.cancel_scope.cancel()
+            else:
+                self.bridge = bridge
+                self._watch.add(self)
+                try:
+                    result = await agent(bridge)
+                finally:
+                    self._watch.discard(self)
         if self.scope.cancel_called and self.exceeded is None:
             self.exceeded = ErrorInfo(
                 "timeout", f"the run exceeded its {self.timeout:g} s deadline"
             )
         return result
 
-    async def _watch_stall(self, bridge: AgentWebSocketBridge, stall: float) -> None:
+    def due(self) -> float:
+        """When the run counts as stalled if it makes no more progress."""
+        assert self.bridge is not None
+        assert self.stall is not None
+        return self.bridge.last_progress + self.stall
+
+    def stalled(self) -> None:
+        self.exceeded = ErrorInfo(
+            "timeout", f"the run made no progress for {self.stall:g} s (stalled)"
+        )
+        self.scope.cancel()
+
+
+class StallWatch:
+    """Ends the runs of a runtime that make no progress for their stall limit.
+
+    One task for every run: it sleeps until the earliest moment a watched run
+    could have stalled, then looks at each run's last progress, cancels the
+    stalled ones and sleeps again. A run costs an entry in a set, not a task,
+    a nursery and a timer of its own. Runs register for as long as their agent
+    runs (``add`` / ``discard``, synchronous). Cancelling ``run`` stops watching.
+    """
+
+    def __init__(self) -> None:
+        self._runs: set[_RunLimits] = set()
+        self._sleep: trio.CancelScope | None = None
+
+    def add(self, limits: _RunLimits) -> None:
+        self._runs.add(limits)
+        sleep = self._sleep
+        if sleep is not None and limits.due() < sleep.deadline:
+            sleep.deadline = limits.due()
+
+    def discard(self, limits: _RunLimits) -> None:
+        self._runs.discard(limits)
+        if not self._runs and self._sleep is not None:
+            self._sleep.deadline = math.inf  # nothing to watch: no timer left behind
+
+    async def run(self) -> None:
         while True:
-            quiet_until = bridge.last_progress + stall
-            if trio.current_time() >= quiet_until:
-                self.exceeded = ErrorInfo(
-                    "timeout", f"the run made no progress for {stall:g} s (stalled)"
-                )
-                self.scope.cancel()
-                return
-            await trio.sleep_until(quiet_until)
+            now = trio.current_time()
+            wake = math.inf
+            for limits in list(self._runs):
+                due = limits.due()
+                if now >= due:
+                    self._runs.discard(limits)
+                    limits.stalled()
+                else:
+                    wake = min(wake, due)
+            with trio.CancelScope(deadline=wake) as self._sleep:
+                await trio.sleep_forever()
 
 
 class Session:
@@ -713,6 +766,7 @@ class Session:
                 limits = _RunLimits(
                     services.run_timeouts.get(start.agent_name, services.config.run_timeout),
                     services.config.stall_timeout,
+                    services.stall_watch,
                 )
                 with control.scope:
                     try:
@@ -768,4 +822,10 @@ class Session:
                     await emit_shielded(event("agent_cancelled", {"reason": "shutdown"}))
                 raise
             finally:
-                await emit_shielded(RunFinished(start.run_id, start.thread_id))
+                done = RunFinished(start.run_id, start.thread_id)
+                try:
+                    finished.send_nowait(done)  # the usual case: room in the actor's inbox
+                except trio.WouldBlock:
+                    await emit_shielded(done)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the agent actor is gone: the session is being torn down

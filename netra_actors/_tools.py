@@ -301,7 +301,7 @@ class UnifiedToolExecutionEngine:
                         f"no tool named {request.call.name!r}", error_type="unknown_tool"
                     )
                 bound = tool.bind(request.call.arguments)
-                async with session_limiter or _NO_LIMIT, self.limiter:
+                async with _Holding(session_limiter, self.limiter):
                     with trio.move_on_after(math.inf if timeout is None else timeout) as timer:
                         results = _check_json(await _invoke(tool, bound))
                 if timer.cancelled_caught:
@@ -318,15 +318,36 @@ class UnifiedToolExecutionEngine:
         return status, results, error
 
 
-class _Unlimited:
+class _Holding:
+    """Holds a token of each limiter for the call, in order. A free token is taken
+    without a scheduling point (the tool's own await follows at once); a call that
+    must wait for one waits as ``CapacityLimiter.acquire`` does, and on cancel gives
+    back what it took."""
+
+    __slots__ = ("_held", "_limiters")
+
+    def __init__(self, *limiters: trio.CapacityLimiter | None) -> None:
+        self._limiters = [limiter for limiter in limiters if limiter is not None]
+        self._held: list[trio.CapacityLimiter] = []
+
     async def __aenter__(self) -> None:
-        await trio.lowlevel.checkpoint()
+        try:
+            for limiter in self._limiters:
+                try:
+                    limiter.acquire_nowait()
+                except trio.WouldBlock:
+                    await limiter.acquire()
+                self._held.append(limiter)
+        except BaseException:
+            self._release()
+            raise
 
     async def __aexit__(self, *exc: object) -> None:
-        return None
+        self._release()
 
-
-_NO_LIMIT = _Unlimited()
+    def _release(self) -> None:
+        while self._held:
+            self._held.pop().release()
 
 
 async def _invoke(tool: Tool, bound: inspect.BoundArguments) -> Any:

@@ -254,6 +254,70 @@ async def test_a_run_without_progress_for_stall_timeout_ends_timeout(
         assert state.state == "timed_out"
 
 
+STALL = 3.0
+
+
+def _timed_agent(pauses: list[float], marks: list[float]) -> Callable[[AgentWebSocketBridge], Any]:
+    """Emits an event, records when (virtual time), then pauses; for each pause."""
+
+    async def agent(bridge: AgentWebSocketBridge) -> str:
+        for step, pause in enumerate(pauses):
+            await bridge.thinking(f"step {step}")
+            marks.append(trio.current_time())
+            await trio.sleep(pause)
+        return "done"
+
+    return agent
+
+
+@given(
+    runs=st.lists(
+        st.tuples(
+            st.floats(0.0, 2.0),  # when the run starts
+            st.lists(st.sampled_from([0.5, 1.0, 2.9, 3.5, 50.0]), min_size=1, max_size=5),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_concurrent_runs_each_stall_at_their_own_last_progress_plus_the_limit(
+    runs: list[tuple[float, list[float]]],
+) -> None:
+    """Several users' runs at once, one stall watch for all: a run ends ``agent_error``
+    timeout exactly ``stall_timeout`` after its last event if a pause of its reaches the
+    limit, and completes otherwise, whatever the others do (virtual time)."""
+    config = Config(store="memory", run_timeout=None, stall_timeout=STALL, write_linger=0.0)
+    marks: list[list[float]] = [[] for _ in runs]
+    agents = {f"a{i}": _timed_agent(pauses, marks[i]) for i, (_, pauses) in enumerate(runs)}
+    ends: dict[int, tuple[float, Event]] = {}
+
+    async def one(runtime: Runtime, i: int, delay: float) -> None:
+        await trio.sleep(delay)
+        handle = await runtime.start_run(f"user{i}", "go", agent=f"a{i}")
+        async for event in handle.events():
+            last = (trio.current_time(), event)
+        ends[i] = last
+
+    async def main() -> None:
+        with trio.fail_after(BOUND):
+            runtime = Runtime(config, agents=agents, tools=ToolRegistry())
+            async with runtime, trio.open_nursery() as nursery:
+                for i, (delay, _) in enumerate(runs):
+                    nursery.start_soon(one, runtime, i, delay)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    for i, (_, pauses) in enumerate(runs):
+        at, terminal = ends[i]
+        stall = next((k for k, pause in enumerate(pauses) if pause >= STALL), None)
+        if stall is None:
+            assert terminal.type == "agent_completed", (i, pauses)
+        else:
+            assert terminal.type == "agent_error", (i, pauses)
+            assert terminal.data["error"]["type"] == "timeout"
+            assert len(marks[i]) == stall + 1  # nothing ran after the stall
+            assert at == pytest.approx(marks[i][stall] + STALL, abs=1e-6), (i, pauses)
+
+
 async def test_a_cancel_racing_the_deadline_is_reported_as_cancelled(
     make_config: Callable[..., Config], autojump_clock: trio.testing.MockClock
 ) -> None:
