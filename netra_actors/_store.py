@@ -875,7 +875,10 @@ class SqliteStore:
                 self._close_files()
             else:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._close_files)
+                    # A read still running in its worker thread (the retention's prune at
+                    # shutdown, say) finishes first: its connection is not closed under it.
+                    async with self._read_lock:
+                        await trio.to_thread.run_sync(self._close_files)
                 self._stopped.set()
 
     def _pending(self) -> list[_Write]:

@@ -1611,6 +1611,33 @@ async def test_sqlite_a_write_after_aclose_is_refused(tmp_path: Path) -> None:
         await store.append("s-1", [event(1, "agent_started", "r-1")])
 
 
+async def test_sqlite_closing_waits_for_a_read_in_progress(tmp_path: Path) -> None:
+    """A read running in its worker thread when the store closes (the retention's prune at
+    shutdown) finishes on an open connection: the store closes its files after it, and
+    reads asked later are refused with ``StoreError``."""
+    store = SqliteStore(tmp_path / DB_FILENAME)
+    slow = (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000000) "
+        "SELECT count(*) FROM n"
+    )
+    results: list[Any] = []
+
+    async def read() -> None:
+        rows = await store._read(slow)
+        results.append(rows[0][0])
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            nursery.start_soon(read)
+            while not store._read_lock.locked():
+                await trio.lowlevel.checkpoint()
+            await store.aclose()  # while the query runs in its thread
+        assert results == [2000000]
+        with pytest.raises(StoreError):
+            await store._read("SELECT 1")
+
+
 async def test_sqlite_cancelling_run_fails_the_writes_it_did_not_commit(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / DB_FILENAME)
     scope = trio.CancelScope()
