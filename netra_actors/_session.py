@@ -235,9 +235,9 @@ class StallWatch:
 
     def add(self, limits: _RunLimits) -> None:
         self._runs.add(limits)
-        sleep = self._sleep
-        if sleep is not None and limits.due() < sleep.deadline:
-            sleep.deadline = limits.due()
+        due, sleep = limits.due(), self._sleep
+        if sleep is not None and due < sleep.deadline:
+            sleep.deadline = due
 
     def discard(self, limits: _RunLimits) -> None:
         self._runs.discard(limits)
