@@ -25,7 +25,7 @@ import trio
 
 from ._config import Config
 from ._exceptions import ProtocolError, RunRefused, RuntimeClosed, TransportClosed
-from ._messages import CancelRequest, ClientMessage, Event, Ping, ResumeRequest, UserMessage
+from ._messages import CancelRequest, ClientMessage, Ping, ResumeRequest, UserMessage
 from ._protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
@@ -65,17 +65,17 @@ class _Close(Exception):
 _WRITE_FRAMES = 128
 
 
-def _batched(events: Sequence[Event], batch: int) -> Iterator[str]:
-    """The frames that carry ``events`` at most ``batch`` (and about ``MAX_BATCH_CHARS``
-    characters) at a time; a lone event goes as its own frame."""
+def _batched(frames: Sequence[str], batch: int) -> Iterator[str]:
+    """The frames that carry the events ``frames`` at most ``batch`` (and about
+    ``MAX_BATCH_CHARS`` characters) at a time; a lone event goes as its own frame."""
     group: list[str] = []
     size = 0
-    for event in events:
-        if group and (len(group) >= batch or size + len(event.frame) > MAX_BATCH_CHARS):
+    for frame in frames:
+        if group and (len(group) >= batch or size + len(frame) > MAX_BATCH_CHARS):
             yield group[0] if len(group) == 1 else events_frame(group)
             group, size = [], 0
-        group.append(event.frame)
-        size += len(event.frame)
+        group.append(frame)
+        size += len(frame)
     if group:
         yield group[0] if len(group) == 1 else events_frame(group)
 
@@ -241,7 +241,7 @@ class Connection:
                         await self._write(direct + sub.take_direct(), limit)
                         return self._close_after_replies, False
                     if self.batch == 1 or len(events) == 1:
-                        frames = direct + [event.frame for event in events]
+                        frames = direct + events
                     else:
                         frames = direct + list(_batched(events, self.batch))
                     for start in range(0, len(frames), _WRITE_FRAMES):

@@ -29,7 +29,7 @@ from ._llm import LLMManager, LLMProvider
 from ._manager import UnifiedWebSocketManager
 from ._messages import TERMINAL_EVENTS, CancelOutcome, EmitEvent, Event, ThreadPolicy
 from ._openai import OpenAIChatProvider, RetryPolicy
-from ._sequencer import EventStore, Subscription, stamp
+from ._sequencer import EventStore, Subscription, event_from_frame, stamp
 from ._session import Session, SessionServices, SessionStatistics
 from ._store import OpenRun, RunStore, open_store
 from ._telemetry import Telemetry
@@ -94,7 +94,12 @@ class RunHandle:
                 batch = await sub.next_batch()
                 if batch is None:
                     raise RuntimeClosed(f"session ended before run {self.run_id} finished")
-                for event in batch[1]:
+                for frame in batch[1]:
+                    # Other runs' events of the session are not decoded (the id test on
+                    # the text only spares the decoding; the decoded id decides).
+                    if self.run_id not in frame:
+                        continue
+                    event = event_from_frame(frame)
                     if event.run_id == self.run_id:
                         yield event
                         if event.type in TERMINAL_EVENTS:

@@ -39,14 +39,33 @@ class ReplayWindow:
     Holds at most ``max_events`` events, none more than ``max_age`` seconds
     older than the newest (by their ``ts``); older ones fall out. Because
     ``seq`` is gap-free, lookup by ``seq`` is index arithmetic.
+
+    Only each event's encoded frame and its ``ts`` are kept, in tuples of
+    ``BLOCK`` events: tuples of strings and floats, which the garbage collector
+    stops tracking. A full window of ``Event`` objects was as many tracked
+    objects (10,000 a session by default), and even a deque of frames is one
+    visit per frame in every full collection: with busy sessions, pauses of
+    hundreds of milliseconds. Readers that want ``Event`` objects decode the
+    frames (``after``).
     """
+
+    #: Events per block (a block is two tuples, frames and times, once full).
+    BLOCK = 64
 
     def __init__(self, max_events: int, max_age: float | None = None) -> None:
         if max_events < 1:
             raise ValueError("max_events must be at least 1")
         self.capacity = max_events
         self.max_age = max_age
-        self._events: deque[Event] | None = None  # made by the first append
+        # Full blocks, oldest first, then the block being filled; ``_head`` events of
+        # the first block have fallen out. Made by the first append (an idle session
+        # holds none of them).
+        self._frames: deque[tuple[str, ...]] | None = None
+        self._times: deque[tuple[float, ...]] | None = None
+        self._tail_frames: list[str] = []
+        self._tail_times: list[float] = []
+        self._head = 0
+        self._len = 0
         self._last_seq = 0
 
     @property
@@ -57,27 +76,54 @@ class ReplayWindow:
     @property
     def oldest_seq(self) -> int:
         """The ``seq`` of the oldest event still held (``last_seq + 1`` when empty)."""
-        return self._events[0].seq if self._events else self._last_seq + 1
+        return self._last_seq + 1 - self._len
 
     def __len__(self) -> int:
-        return len(self._events) if self._events is not None else 0
+        return self._len
 
     def append(self, event: Event) -> None:
         """Append the next event; its ``seq`` must be ``last_seq + 1``."""
         if event.seq != self._last_seq + 1:
             raise ValueError(f"seq {event.seq} does not follow {self._last_seq}")
-        events = self._events
-        if events is None:
-            events = self._events = deque(maxlen=self.capacity)
-        events.append(event)
+        if self._frames is None or self._times is None:
+            self._frames, self._times = deque(), deque()
+        tail = self._tail_frames
+        tail.append(event.frame)
+        self._tail_times.append(event.ts)
+        if len(tail) == self.BLOCK:
+            self._frames.append(tuple(tail))
+            self._times.append(tuple(self._tail_times))
+            self._tail_frames, self._tail_times = [], []
         self._last_seq = event.seq
+        self._len += 1
+        if self._len > self.capacity:
+            self._drop(1)
         if self.max_age is not None:
             horizon = event.ts - self.max_age
-            while events[0].ts < horizon:
-                events.popleft()
+            while self._oldest_ts() < horizon:
+                self._drop(1)
 
-    def after(self, seq: int, limit: int | None = None) -> list[Event]:
-        """The events with ``seq`` greater than ``seq``, oldest first (at most ``limit``).
+    def _oldest_ts(self) -> float:
+        times = self._times
+        if times:
+            return times[0][self._head]
+        return self._tail_times[self._head]
+
+    def _drop(self, count: int) -> None:
+        """Let the ``count`` oldest events fall out."""
+        self._len -= count
+        self._head += count
+        frames, times = self._frames, self._times
+        assert frames is not None
+        assert times is not None
+        while frames and self._head >= self.BLOCK:
+            frames.popleft()
+            times.popleft()
+            self._head -= self.BLOCK
+
+    def frames_after(self, seq: int, limit: int | None = None) -> list[str]:
+        """The frames of the events with ``seq`` greater than ``seq``, oldest first (at
+        most ``limit``): the first is number ``seq + 1``.
 
         Raises:
             LookupError: if some of those events have already fallen out of the window.
@@ -85,11 +131,28 @@ class ReplayWindow:
         if seq >= self._last_seq:
             return []
         start = seq + 1 - self.oldest_seq
-        events = self._events
-        if start < 0 or events is None:
+        if start < 0:
             raise LookupError(f"events after seq {seq} are no longer in the window")
-        stop = len(events) if limit is None else min(len(events), start + limit)
-        return [events[i] for i in range(start, stop)]
+        count = self._last_seq - seq if limit is None else min(limit, self._last_seq - seq)
+        frames = self._frames
+        assert frames is not None
+        block, offset = divmod(self._head + start, self.BLOCK)
+        out: list[str] = []
+        while count > 0:
+            source = frames[block] if block < len(frames) else self._tail_frames
+            taken = source[offset : offset + count]
+            out.extend(taken)
+            count -= len(taken)
+            block, offset = block + 1, 0
+        return out
+
+    def after(self, seq: int, limit: int | None = None) -> list[Event]:
+        """``frames_after`` decoded: the events with ``seq`` greater than ``seq``.
+
+        Raises:
+            LookupError: if some of those events have already fallen out of the window.
+        """
+        return [event_from_frame(frame) for frame in self.frames_after(seq, limit)]
 
 
 def encode_json(frame: Any) -> str:
@@ -128,6 +191,24 @@ def stamp(msg: EmitEvent, seq: int, ts: float) -> Event:
         trace_id=msg.trace.trace_id,
         span_id=msg.trace.span_id,
         data=msg.data,
+        frame=frame,
+    )
+
+
+def event_from_frame(frame: str) -> Event:
+    """The ``Event`` a frame was encoded from (by ``stamp``); the frame is kept byte for
+    byte. ``data`` is what JSON carried: lists for tuples, text for what JSON cannot
+    hold."""
+    obj = orjson.loads(frame)
+    return Event(
+        seq=obj["seq"],
+        type=obj["type"],
+        run_id=obj["run_id"],
+        thread_id=obj["thread_id"],
+        ts=obj["ts"],
+        trace_id=obj["trace_id"],
+        span_id=obj["span_id"],
+        data=obj["data"],
         frame=frame,
     )
 
@@ -258,8 +339,11 @@ class Subscription:
             self._sequencer._room_changed()
             self._wake.set()
 
-    async def next_batch(self, limit: int = 256) -> tuple[list[str], list[Event]] | None:
+    async def next_batch(self, limit: int = 256) -> tuple[list[str], list[str]] | None:
         """Wait for direct frames or events past the cursor; advance the cursor over them.
+
+        Returns the direct frames, then the frames of the events numbered
+        ``cursor + 1`` onwards (``event_from_frame`` decodes one).
 
         Returns ``None`` once the stream has ended (the session closed) and
         everything in it was returned, or the subscription was closed.
@@ -276,11 +360,11 @@ class Subscription:
             if self._direct:
                 direct, self._direct = self._direct, []
             try:
-                events = self._sequencer.window.after(self.cursor, limit)
+                events = self._sequencer.window.frames_after(self.cursor, limit)
             except LookupError:
                 events = await self._sequencer.read_stored(self.cursor, limit)
             if events:
-                self.cursor = events[-1].seq
+                self.cursor += len(events)
                 if self.paces:
                     self._sequencer._room_changed()
             if direct or events:
@@ -383,8 +467,9 @@ class SessionSequencer:
         oldest = self.window.oldest_seq
         return oldest if self.stored_from is None else min(oldest, self.stored_from)
 
-    async def read_stored(self, after_seq: int, limit: int) -> list[Event]:
-        """Events after ``after_seq`` from the store, for a reader behind the window.
+    async def read_stored(self, after_seq: int, limit: int) -> list[str]:
+        """The frames of the events after ``after_seq`` from the store, for a reader
+        behind the window (consecutive from ``after_seq + 1``).
 
         Raises:
             SubscriptionLagged: the store cannot serve them (none, or pruned).
@@ -395,7 +480,8 @@ class SessionSequencer:
             limit = min(limit, self.window.oldest_seq - 1 - after_seq)
             events = await reader.events_after(self.session_id, after_seq, limit)
             if events and events[0].seq == after_seq + 1:
-                return events
+                # Gap-free by the store's key: ``seq`` follows from the position.
+                return [event.frame for event in events]
         raise SubscriptionLagged(
             f"cursor {after_seq} is older than the window (oldest {self.window.oldest_seq})"
         )

@@ -42,7 +42,7 @@ from ._conversations import ConversationStore, message_from_dict, message_to_dic
 from ._exceptions import NetraError
 from ._llm import ChatMessage
 from ._messages import Event
-from ._sequencer import encode_json
+from ._sequencer import encode_json, event_from_frame
 from ._tracker import FINISHED_STATES, RunState, state_after
 
 SCHEMA_VERSION = 2
@@ -180,22 +180,6 @@ class RunStore(Protocol):
 
 
 # -- shared by every implementation ----------------------------------------------------------
-
-
-def event_from_frame(frame: str) -> Event:
-    """The ``Event`` a stored frame was made from (the frame is kept byte for byte)."""
-    obj = orjson.loads(frame)
-    return Event(
-        seq=obj["seq"],
-        type=obj["type"],
-        run_id=obj["run_id"],
-        thread_id=obj["thread_id"],
-        ts=obj["ts"],
-        trace_id=obj["trace_id"],
-        span_id=obj["span_id"],
-        data=obj["data"],
-        frame=frame,
-    )
 
 
 def run_changes(event: Event) -> dict[str, Any]:

@@ -6,6 +6,7 @@ channel under the ``autojump_clock`` fixture (no sockets, no real waiting).
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Sequence
 
@@ -21,6 +22,8 @@ from netra_actors._sequencer import (
     SessionSequencer,
     Subscription,
     SubscriptionLagged,
+    event_from_frame,
+    stamp,
 )
 from netra_actors._trace import UnifiedTraceContext
 
@@ -28,17 +31,9 @@ ENVELOPE = {"type", "seq", "run_id", "thread_id", "ts", "trace_id", "span_id", "
 
 
 def _event(seq: int) -> Event:
-    return Event(
-        seq=seq,
-        type="agent_thinking",
-        run_id="r-1",
-        thread_id="main",
-        ts=0.0,
-        trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
-        span_id="00f067aa0ba902b7",
-        data={"step": seq},
-        frame=f'{{"seq":{seq}}}',
-    )
+    """Event number ``seq`` as the sequencer makes it (the window keeps its frame only)."""
+    trace = UnifiedTraceContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+    return stamp(EmitEvent("agent_thinking", "r-1", "main", trace, {"step": seq}), seq, 0.0)
 
 
 def _window(capacity: int, count: int) -> ReplayWindow:
@@ -48,8 +43,9 @@ def _window(capacity: int, count: int) -> ReplayWindow:
     return window
 
 
-def _seqs(events: Sequence[Event]) -> list[int]:
-    return [e.seq for e in events]
+def _seqs(events: Sequence[Event | str]) -> list[int]:
+    """The ``seq`` of each event (or event frame, as ``next_batch`` returns them)."""
+    return [(event_from_frame(e) if isinstance(e, str) else e).seq for e in events]
 
 
 # --- ReplayWindow ----------------------------------------------------------------------------------
@@ -98,12 +94,31 @@ def test_after_returns_exactly_the_suffix() -> None:
     assert window.after(100) == []
 
 
-def test_after_returns_the_appended_objects() -> None:
-    """The window hands back the appended events themselves, frame included."""
+def test_after_returns_the_appended_events_with_their_frames() -> None:
+    """The window hands back equal events whose frames are the very strings appended
+    (what connections send is never re-encoded)."""
     window = ReplayWindow(3)
     event = _event(1)
     window.append(event)
-    assert window.after(0)[0] is event
+    (back,) = window.after(0)
+    assert back == event
+    assert back.frame is event.frame
+    assert window.frames_after(0)[0] is event.frame
+
+
+def test_a_full_window_gives_the_garbage_collector_nothing_to_track() -> None:
+    """Thousands of events in a window add no objects the collector tracks (every full
+    collection walks each tracked object: a window of ``Event`` objects per session
+    made collections slower as windows filled)."""
+    window = ReplayWindow(5_000, max_age=3600.0)
+    window.append(_event(1))  # the window's own containers exist from here on
+    gc.collect()
+    before = len(gc.get_objects())
+    for seq in range(2, 5_001):
+        window.append(_event(seq))
+    gc.collect()
+    assert len(gc.get_objects()) - before < 50
+    assert len(window) == 5_000
 
 
 @pytest.mark.parametrize(
@@ -169,6 +184,50 @@ def test_after_is_the_suffix_or_lookup_error(
         assert _seqs(window.after(k, limit)) == list(range(k + 1, stop + 1))
 
 
+def _timed_event(seq: int, ts: float) -> Event:
+    trace = UnifiedTraceContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+    return stamp(EmitEvent("agent_thinking", "r-1", "main", trace, {"step": seq}), seq, ts)
+
+
+@given(
+    block=st.integers(min_value=1, max_value=5),
+    capacity=st.integers(min_value=1, max_value=14),
+    max_age=st.none() | st.floats(min_value=0.0, max_value=6.0),
+    gaps=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.5, 7.0]), max_size=40),
+    data=st.data(),
+)
+def test_window_matches_a_list_of_the_newest_events(
+    block: int,
+    capacity: int,
+    max_age: float | None,
+    gaps: list[float],
+    data: st.DataObject,
+) -> None:
+    """Whatever the block size, capacity, ages and appends, the window holds exactly the
+    newest events that fit the capacity and are at most ``max_age`` older than the newest,
+    and ``frames_after`` reads any suffix of them (or raises ``LookupError`` for a cursor
+    that fell out)."""
+    window = ReplayWindow(capacity, max_age)
+    window.BLOCK = block
+    model: list[Event] = []
+    ts = 0.0
+    for seq, gap in enumerate(gaps, 1):
+        ts += gap
+        event = _timed_event(seq, ts)
+        window.append(event)
+        model = [e for e in [*model, event][-capacity:] if max_age is None or e.ts >= ts - max_age]
+        oldest = model[0].seq
+        assert (len(window), window.oldest_seq, window.last_seq) == (len(model), oldest, seq)
+        k = data.draw(st.integers(min_value=0, max_value=seq + 1), label="k")
+        limit = data.draw(st.none() | st.integers(min_value=0, max_value=16), label="limit")
+        if k < seq and k + 1 < oldest:
+            with pytest.raises(LookupError):
+                window.frames_after(k, limit)
+        else:
+            expected = [e.frame for e in model if e.seq > k][:limit]
+            assert window.frames_after(k, limit) == expected
+
+
 # --- SessionSequencer and Subscription --------------------------------------------------------------
 
 
@@ -188,7 +247,7 @@ async def _drain(sub: Subscription, limit: int = 256) -> tuple[list[str], list[E
     events: list[Event] = []
     while (batch := await sub.next_batch(limit)) is not None:
         direct.extend(batch[0])
-        events.extend(batch[1])
+        events.extend(map(event_from_frame, batch[1]))
     return direct, events
 
 
