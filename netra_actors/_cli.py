@@ -4,6 +4,7 @@ inspect stored ``runs`` (``runs list``, ``runs show RUN_ID``), ``chat`` with a s
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sqlite3
@@ -20,7 +21,7 @@ import trio
 from ._auth import issue_token, load_secret
 from ._chat import add_arguments as add_chat_arguments
 from ._chat import main as chat_main
-from ._config import Config
+from ._config import Config, parse_gc_thresholds
 from ._exceptions import NetraError
 from ._messages import Event
 from ._store import DB_FILENAME, SqliteStore, StoredRun, StoreError, open_store
@@ -78,6 +79,7 @@ SERVE_FLAGS = (
     "metrics_token",
     "otel",
     "log_format",
+    "gc_thresholds",
 )
 
 
@@ -474,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         config = Config.from_args(args)
         _configure_logging(config)
+        if config.gc_thresholds is not None:
+            gc.set_threshold(*parse_gc_thresholds(config.gc_thresholds))
         provider = install_otel_from_env() if config.otel else None
         try:
             trio.run(_serve, config)

@@ -45,6 +45,28 @@ def _positive_or_none(instance: object, attribute: attrs.Attribute[Any], value: 
         _positive(instance, attribute, value)
 
 
+def parse_gc_thresholds(text: str) -> tuple[int, int, int]:
+    """``"700,10,100"`` as the three thresholds of ``gc.set_threshold``.
+
+    Raises:
+        ConfigError: not three integers >= 0 (0 as the first disables collection).
+    """
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 0:
+        raise ConfigError(
+            f"gc_thresholds must be three integers >= 0 like 700,10,100, got {text!r}"
+        )
+    return values
+
+
+def _gc_thresholds(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None:
+        parse_gc_thresholds(value)
+
+
 def _upper(value: object) -> str:
     return str(value).upper()
 
@@ -267,6 +289,16 @@ class Config:
         metadata={
             "help": "export spans with OpenTelemetry (needs opentelemetry-sdk; configured by "
             "the standard OTEL_* variables)"
+        },
+    )
+    gc_thresholds: str | None = attrs.field(
+        default="700,10,100",
+        validator=_gc_thresholds,
+        metadata={
+            "help": "garbage-collector thresholds the server process sets at start "
+            "(gc.set_threshold; none: Python's 700,10,10); an embedded Runtime leaves them "
+            "alone. Full collections are ten times rarer than Python's: see "
+            "docs/benchmarks.md"
         },
     )
     log_format: str = attrs.field(

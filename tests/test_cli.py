@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
 import pytest
 
-from netra_actors import _cli
+from netra_actors import Runtime, _cli
 from netra_actors._auth import SECRET_FILE, load_secret, verify_token
 from netra_actors._cli import SERVE_FLAGS, main
 from netra_actors._config import ENV_PREFIX, Config
@@ -222,6 +224,64 @@ def test_serve_refuses_invalid_values_before_serving(
     assert main(["serve", "--max-steps", "0"]) == 2
     assert served == []
     assert "max_steps" in capsys.readouterr().err
+
+
+@pytest.fixture
+def gc_thresholds() -> Iterator[None]:
+    """Python's garbage-collector thresholds as they were before the test."""
+    before = gc.get_threshold()
+    yield
+    gc.set_threshold(*before)
+
+
+@pytest.mark.usefixtures("gc_thresholds")
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], (700, 10, 100)),
+        (["--gc-thresholds", "2000,20,50"], (2000, 20, 50)),
+    ],
+)
+def test_serve_sets_the_garbage_collector_thresholds(
+    served: list[Config], argv: list[str], expected: tuple[int, int, int]
+) -> None:
+    """The server process collects its oldest generation ten times less often than
+    Python would (or as the flag says)."""
+    gc.set_threshold(700, 10, 10)
+    assert main(["serve", *argv]) == 0
+    assert served
+    assert gc.get_threshold() == expected
+
+
+@pytest.mark.usefixtures("gc_thresholds")
+def test_serve_can_leave_the_garbage_collector_alone(
+    served: list[Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``none`` keeps the process's own thresholds."""
+    gc.set_threshold(123, 4, 5)
+    monkeypatch.setenv("NETRA_ACTORS_GC_THRESHOLDS", "none")
+    assert main(["serve"]) == 0
+    assert gc.get_threshold() == (123, 4, 5)
+
+
+@pytest.mark.parametrize("value", ["700,10", "a,b,c", "700,-1,10", "1,2,3,4"])
+def test_bad_gc_thresholds_are_refused_before_serving(
+    served: list[Config], value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Anything but three integers >= 0 exits with status 2 and names the setting."""
+    assert main(["serve", "--gc-thresholds", value]) == 2
+    assert served == []
+    assert "gc_thresholds" in capsys.readouterr().err
+
+
+async def test_an_embedded_runtime_leaves_the_garbage_collector_alone() -> None:
+    """Only the server process tunes the collector: a runtime running a run, whatever its
+    ``gc_thresholds``, changes nothing."""
+    before = gc.get_threshold()
+    async with Runtime(Config(store="memory", gc_thresholds="1,1,1")) as runtime:
+        run = await runtime.start_run("alice", "what is 2+3?")
+        assert (await run.collect())[-1].type == "agent_completed"
+        assert gc.get_threshold() == before
 
 
 def test_banner_shows_url_and_token() -> None:

@@ -131,6 +131,7 @@ def test_every_field_has_an_environment_variable() -> None:
         "store": "memory",
         "sqlite_synchronous": "full",
         "log_format": "json",
+        "gc_thresholds": "1000,20,50",
     }
     for field in attrs.fields(Config):
         raw = by_name.get(field.name, samples[str(field.type)])
