@@ -138,7 +138,9 @@ def _words(text: str) -> tuple[str, ...]:
 
 def demo_script(request: ChatRequest) -> ScriptedTurn:
     """The scripted model behind the demo agent: a pure function of the conversation."""
-    last_user = max(i for i, m in enumerate(request.messages) if m.role == "user")
+    messages = request.messages
+    # The newest user message: searched from the end (a thread's history can be long).
+    last_user = next(i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user")
     user = request.messages[last_user].content
     # Only this turn's tool results count (earlier turns of the thread are history).
     tool_results = [m for m in request.messages[last_user:] if m.role == "tool"]

@@ -129,7 +129,7 @@ class ScriptedLLMProvider:
 
     async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[LLMChunk, None]:
         turn = self._script(request)
-        prompt_tokens = sum(_words_in(m.content) for m in request.messages)
+        prompt_tokens = sum(map(_words_in, [m.content for m in request.messages]))
         completion_tokens = 0
         every = self.YIELD_EVERY
         chunks = 0
