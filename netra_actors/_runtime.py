@@ -71,7 +71,10 @@ class RunHandle:
 
     ``events()`` yields the run's events in ``seq`` order from ``agent_started``
     (or the lone ``agent_cancelled`` of a run cancelled while queued) to its
-    terminal event, then stops. It can be iterated once.
+    terminal event, then stops. It can be iterated once. Each event is decoded
+    from the frame a WebSocket client receives, so its ``data`` is what JSON
+    carries (lists for tuples, text for values JSON cannot hold), whether it
+    came from the replay window or from the store.
     """
 
     def __init__(
