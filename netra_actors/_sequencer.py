@@ -97,11 +97,11 @@ class ReplayWindow:
         self._last_seq = event.seq
         self._len += 1
         if self._len > self.capacity:
-            self._drop(1)
+            self._drop_oldest()
         if self.max_age is not None:
             horizon = event.ts - self.max_age
             while self._oldest_ts() < horizon:
-                self._drop(1)
+                self._drop_oldest()
 
     def _oldest_ts(self) -> float:
         times = self._times
@@ -109,17 +109,17 @@ class ReplayWindow:
             return times[0][self._head]
         return self._tail_times[self._head]
 
-    def _drop(self, count: int) -> None:
-        """Let the ``count`` oldest events fall out."""
-        self._len -= count
-        self._head += count
+    def _drop_oldest(self) -> None:
+        """Let the oldest event fall out (its block goes with the block's last event)."""
+        self._len -= 1
+        self._head += 1
         frames, times = self._frames, self._times
         assert frames is not None
         assert times is not None
-        while frames and self._head >= self.BLOCK:
+        if frames and self._head == self.BLOCK:
             frames.popleft()
             times.popleft()
-            self._head -= self.BLOCK
+            self._head = 0
 
     def frames_after(self, seq: int, limit: int | None = None) -> list[str]:
         """The frames of the events with ``seq`` greater than ``seq``, oldest first (at
@@ -360,15 +360,15 @@ class Subscription:
             if self._direct:
                 direct, self._direct = self._direct, []
             try:
-                events = self._sequencer.window.frames_after(self.cursor, limit)
+                frames = self._sequencer.window.frames_after(self.cursor, limit)
             except LookupError:
-                events = await self._sequencer.read_stored(self.cursor, limit)
-            if events:
-                self.cursor += len(events)
+                frames = await self._sequencer.read_stored(self.cursor, limit)
+            if frames:
+                self.cursor += len(frames)
                 if self.paces:
                     self._sequencer._room_changed()
-            if direct or events:
-                return direct, events
+            if direct or frames:
+                return direct, frames
             if self._sequencer.ended:
                 return None
             await self._wake.wait()
