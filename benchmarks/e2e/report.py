@@ -202,6 +202,15 @@ def _f(value: Any, digits: int = 0, suffix: str = "") -> str:
 _YES_NO = {True: "yes", False: "no", None: "-"}
 
 
+def _kib_to_mib(kib: float | None) -> float | None:
+    return None if kib is None else kib / 1024
+
+
+def _mib(kib: float | None) -> str:
+    """A RSS reading in MiB, one decimal ("-" when the row has none)."""
+    return _f(_kib_to_mib(kib), 1)
+
+
 def _pair(measured: float | None, per_core: float | None) -> str:
     if measured is None and per_core is None:
         return "-"
@@ -256,6 +265,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "saturated",
                 "clients us/event",
                 "events/frame",
+                "server RSS MiB",
             ],
             [
                 [
@@ -269,6 +279,7 @@ def markdown(results: dict[str, Any]) -> str:
                     p["saturated"],
                     _f(p["clients_us_per_event"], 1),
                     _f(p["events_per_frame"], 1),
+                    _mib(p.get("rss_after_kib")),
                 ]
                 for p in tp
             ],
@@ -455,13 +466,20 @@ def charts(points: list[dict[str, Any]], outdir: Path) -> list[Path]:
     written = []
     tp = [p for p in points if p["scenario"] == "throughput"]
     if tp:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+        fig, (left, right, memory) = plt.subplots(1, 3, figsize=(16, 4.5))
         for label in dict.fromkeys(p["label"] for p in tp):
             series = sorted((p for p in tp if p["label"] == label), key=_by_sessions)
             xs = [p["sessions"] for p in series]
             left.plot(xs, [_pos(p["events_per_s"]) for p in series], **_style(series[0]))
             right.plot(xs, [_pos(p["server_us_per_event"]) for p in series], **_style(series[0]))
-        for ax, title in ((left, "delivered events/s"), (right, "server CPU us per event")):
+            memory.plot(
+                xs, [_pos(_kib_to_mib(p.get("rss_after_kib"))) for p in series], **_style(series[0])
+            )
+        for ax, title in (
+            (left, "delivered events/s"),
+            (right, "server CPU us per event"),
+            (memory, "server RSS at the window's end, MiB"),
+        ):
             _log_axes(ax)
             ax.set_xlabel("sessions (one connection each)")
             ax.set_title(title)
