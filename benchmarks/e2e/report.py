@@ -113,54 +113,65 @@ def add_ratios(points: list[dict[str, Any]], batch: int) -> None:
             p[f"core_x_{name}"] = _ratio(base.get(cost), p.get(cost)) if base else None
 
 
+#: The issue's latency target: p99 at most this many ms at this load over this many sessions.
+P99_TARGET_MS, P99_TARGET_LOAD, P99_TARGET_SESSIONS = 5.0, 10_000, 1_000
+
+
 def targets(points: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
-    """The issue's targets, as measured ratios (never asserted)."""
+    """The issue's targets, as measured ratios (never asserted).
+
+    Only the issue's own targets: netra with persistence and single-event frames
+    against the bare trio-websocket server (>= 0.8x); netra with ``batch``-event
+    frames against the asyncio peer's single-event frames (>= 1.5x); p99 at 10,000
+    events/s over 1,000 sessions; memory per idle session. Every other comparison
+    (single-event netra against the peer, batched netra against the batched bare
+    server, p99 at other loads) is in the scenario tables, not here.
+    """
     out: list[dict[str, Any]] = []
     for p in points:
         if p["scenario"] != "throughput" or p["kind"] != "netra" or p["store"] != "sqlite":
             continue
         what = f"netra (sqlite, batch={p['batch']}), S={p['sessions']:,}: events/s"
-        out.append(
-            {
-                "target": f"{what} >= 0.8x bare trio-websocket (batch={p['batch']})",
-                "value": p.get("x_transport"),
-                "per_core": p.get("core_x_transport"),
-                "goal": 0.8,
-                "unit": "x",
-            }
-        )
-        out.append(
-            {
-                "target": f"{what} >= 1.5x asyncio peer",
-                "value": p.get("x_peer"),
-                "per_core": p.get("core_x_peer"),
-                "goal": 1.5,
-                "unit": "x",
-            }
-        )
-    for p in points:
-        if p["scenario"] == "latency" and p["kind"] == "netra":
+        if p["batch"] == 1:
             out.append(
                 {
-                    "target": f"{p['label']}: p99 <= 5 ms at {p['offered_events_per_s']:,} events/s"
-                    f" over {p['sessions']:,} sessions",
-                    "value": p.get("lat_p99_ms"),
-                    "goal": 5.0,
-                    "unit": "ms",
-                    "lower_is_better": True,
+                    "target": f"{what} >= 0.8x bare trio-websocket (batch=1)",
+                    "value": p.get("x_transport"),
+                    "per_core": p.get("core_x_transport"),
+                    "goal": 0.8,
+                    "unit": "x",
                 }
             )
-            # Loads not offered because this one already overloaded the server: their
-            # targets are not met, and the table says why instead of leaving them out.
-            for load in p.get("higher_loads_not_run") or ():
+        else:
+            out.append(
+                {
+                    "target": f"{what} >= 1.5x asyncio peer (single-event frames)",
+                    "value": p.get("x_peer"),
+                    "per_core": p.get("core_x_peer"),
+                    "goal": 1.5,
+                    "unit": "x",
+                }
+            )
+    for p in points:
+        if (
+            p["scenario"] == "latency"
+            and p["kind"] == "netra"
+            and p["sessions"] == P99_TARGET_SESSIONS
+        ):
+            target = (
+                f"{p['label']}: p99 <= {P99_TARGET_MS:g} ms at {P99_TARGET_LOAD:,} events/s"
+                f" over {P99_TARGET_SESSIONS:,} sessions"
+            )
+            row = {"target": target, "goal": P99_TARGET_MS, "unit": "ms", "lower_is_better": True}
+            if p["offered_events_per_s"] == P99_TARGET_LOAD:
+                out.append({**row, "value": p.get("lat_p99_ms")})
+            elif P99_TARGET_LOAD in (p.get("higher_loads_not_run") or ()):
+                # Not offered because a lower load already overloaded the server: not
+                # met, and the table says why instead of leaving the target out.
                 out.append(
                     {
-                        "target": f"{p['label']}: p99 <= 5 ms at {load:,} events/s"
-                        f" over {p['sessions']:,} sessions",
+                        **row,
                         "value": f"not run: overloaded at {p['offered_events_per_s']:,}",
-                        "goal": 5.0,
-                        "unit": "ms",
-                        "lower_is_better": True,
                         "met": False,
                     }
                 )
