@@ -55,10 +55,11 @@ logger = logging.getLogger("netra_actors.connection")
 class _Close(Exception):
     """Ends the connection with ``code`` (raised by the reader or the heartbeat)."""
 
-    def __init__(self, code: int, *, abort: bool = False) -> None:
+    def __init__(self, code: int, *, abort: bool = False, reason: str = "") -> None:
         super().__init__(code)
         self.code = code
         self.abort = abort
+        self.reason = reason
 
 
 #: Most frames written at once (a bound on the bytes one write holds in memory).
@@ -111,6 +112,8 @@ class Connection:
         self.subscription: Subscription | None = None
         self.done = trio.Event()
         self.close_code: int | None = None
+        #: Why the server ended the connection ("" when the client did, or the session).
+        self.close_reason = ""
         # Set by the reader: close with this code once the queued replies are sent.
         self._close_after_replies: int | None = None
         # Whether the writer is inside a send (so the frame stream may be mid-frame).
@@ -167,7 +170,7 @@ class Connection:
         except* _Close as group:
             close = group.exceptions[0]
             assert isinstance(close, _Close)
-            code, abort = close.code, close.abort
+            code, abort, self.close_reason = close.code, close.abort, close.reason
         except* Exception:
             logger.exception("connection %s failed", self.connection_id)
             code = CLOSE_INTERNAL
@@ -175,6 +178,15 @@ class Connection:
             session.connection_closed()
             sub.close()
             self.close_code = CLOSE_ABNORMAL if abort else code
+            if self.close_reason:
+                logger.info(
+                    "connection %s of user %s %s (%d): %s",
+                    self.connection_id,
+                    session.user_id,
+                    "aborted" if abort else "closed",
+                    self.close_code,
+                    self.close_reason,
+                )
             with trio.CancelScope(shield=True) as shield:
                 shield.deadline = trio.current_time() + 2
                 try:
@@ -250,12 +262,15 @@ class Connection:
                         self.session._services.telemetry.events_delivered(len(events))
             # Only a write past its deadline leaves the loop this way: the frame may
             # be half-written, so the connection cannot be used again.
+            self.close_reason = f"a write made no progress for {self.config.send_timeout:g} s"
             return CLOSE_ABNORMAL, True
         except TransportClosed as exc:
             return exc.code or 1000, False
         except SubscriptionLagged:
+            self.close_reason = "fell out of the replay window"
             return CLOSE_LAGGING, False
         except _Close as close:
+            self.close_reason = close.reason
             return close.code, close.abort
 
     async def _reader(self, done: trio.CancelScope) -> None:
@@ -272,20 +287,21 @@ class Connection:
                     with trio.move_on_after(timeout):
                         await self.transport.ping()
                         continue
-                    raise _Close(CLOSE_ABNORMAL, abort=True)
+                    raise _Close(CLOSE_ABNORMAL, abort=True, reason=f"no pong within {timeout:g} s")
                 # trio-websocket's limit counts characters; the documented limit is bytes.
                 if isinstance(message, bytes):
                     if len(message) > limit:
-                        raise _Close(CLOSE_TOO_BIG)
+                        raise _Close(CLOSE_TOO_BIG, reason=f"a frame over {limit:,} bytes")
                 elif (
                     len(message) * 4 > limit  # cheap test first: at most 4 bytes a character
                     and len(message.encode("utf-8", "surrogatepass")) > limit
                 ):
-                    raise _Close(CLOSE_TOO_BIG)
+                    raise _Close(CLOSE_TOO_BIG, reason=f"a frame over {limit:,} bytes")
                 if not self.session.rate_limiter.allow():
                     # The writer sends the replies queued so far and this error, then
                     # closes with 4029; nothing more is read from this client.
                     self._close_after_replies = CLOSE_RATE_LIMITED
+                    self.close_reason = "rate limited"
                     reply(error_frame("rate_limited", "too many frames; slow down"))
                     await trio.sleep_forever()
                 try:
@@ -309,7 +325,7 @@ class Connection:
                     # The client sends but does not read its replies. Close now: with
                     # 4008 when nothing is being written, else abort (a close frame
                     # cannot get past a send the peer is not reading).
-                    raise _Close(CLOSE_LAGGING, abort=self._sending)
+                    raise _Close(CLOSE_LAGGING, abort=self._sending, reason="replies not read")
         except TransportClosed as exc:
             if exc.code == CLOSE_ABNORMAL:
                 # Dropped, not closed (no close frame): report it as such (1006), whether

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
@@ -305,9 +306,12 @@ async def test_with_no_connection_open_runs_are_not_paced(
 
 
 async def test_a_peer_that_stops_answering_pings_is_aborted(
-    make_config: Callable[..., Config], autojump_clock: trio.testing.MockClock
+    make_config: Callable[..., Config],
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A peer that does not answer pings is aborted (client sees 1006) heartbeat_interval + heartbeat_timeout s after connecting."""
+    """A peer that does not answer pings is aborted (client sees 1006) heartbeat_interval + heartbeat_timeout s after connecting; the server says why (connection attribute and an INFO log line)."""
+    caplog.set_level(logging.INFO, logger="netra_actors.connection")
     config = make_config(heartbeat_interval=5, heartbeat_timeout=3)
     with trio.fail_after(BOUND):
         async with trio.open_nursery() as nursery, Runtime(config) as runtime:
@@ -326,12 +330,21 @@ async def test_a_peer_that_stops_answering_pings_is_aborted(
     assert served.close_code == 1006
     assert closed_at - start == pytest.approx(5 + 3, abs=0.01)
     assert [f["type"] for f in client.frames] == ["session_ready"]
+    assert served.connection is not None
+    assert served.connection.close_reason == "no pong within 3 s"
+    assert [r.getMessage() for r in caplog.records if "aborted (1006)" in r.getMessage()] == [
+        f"connection {served.connection.connection_id} of user alice aborted (1006): "
+        "no pong within 3 s"
+    ]
 
 
 async def test_a_responsive_peer_stays_connected_across_many_heartbeats(
-    make_config: Callable[..., Config], autojump_clock: trio.testing.MockClock
+    make_config: Callable[..., Config],
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A peer that answers pings stays connected for 20 heartbeat intervals and is still served."""
+    """A peer that answers pings stays connected for 20 heartbeat intervals and is still served; its own close is not logged as the server's decision."""
+    caplog.set_level(logging.INFO, logger="netra_actors.connection")
     config = make_config(heartbeat_interval=5, heartbeat_timeout=3)
     with trio.fail_after(BOUND):
         async with trio.open_nursery() as nursery, Runtime(config) as runtime:
@@ -348,6 +361,9 @@ async def test_a_responsive_peer_stays_connected_across_many_heartbeats(
 
     assert stats.connections == 1
     assert check_lifecycle(client.frames).runs[run_id].terminal == "agent_completed"
+    assert served.connection is not None
+    assert served.connection.close_reason == ""
+    assert not [r for r in caplog.records if r.name == "netra_actors.connection"]
 
 
 # --- send stalls ---------------------------------------------------------------------------------
@@ -372,6 +388,8 @@ async def test_a_send_that_stalls_for_send_timeout_aborts_the_connection(
     assert served.ended_at is not None
     assert served.ended_at - start == pytest.approx(7, abs=0.01)
     assert [f["type"] for f in frames] == ["session_ready"]
+    assert served.connection is not None
+    assert served.connection.close_reason == "a write made no progress for 7 s"
     assert stats is not None
     assert (stats.active_runs, stats.last_seq) == (0, 103)
 
