@@ -74,3 +74,19 @@ def test_single_event_frames_face_the_transport_and_batched_frames_the_peer() ->
     ]
     assert "bare trio-websocket (batch=1)" in rows[0]["target"]
     assert "asyncio peer" in rows[1]["target"]
+
+
+def test_repetitions_keep_their_settings_and_take_the_median_of_figures() -> None:
+    """Two repetitions of a point: settings equal in both stay as they are (ints, so the
+    tables print S=100, not S=100.0); measured figures are their median."""
+    rows = [
+        {"scenario": "throughput", "config": "netra-sqlite", "sessions": 100, "batch": 1,
+         "events_per_s": events, "complete": True}
+        for events in (1_000.0, 3_000.0)
+    ]  # fmt: skip
+    (point,) = report.aggregate(rows)
+    assert (point["sessions"], point["batch"]) == (100, 1)
+    assert isinstance(point["sessions"], int)
+    assert isinstance(point["batch"], int)
+    assert point["events_per_s"] == 2_000.0
+    assert point["repeats"] == 2

@@ -112,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.report_only:
         results = json.loads(args.report_only.read_text())
-        # Targets again from the points (this version's rules, the file's figures).
-        results["targets"] = report.targets(results["points"], results["settings"]["batch"])
+        # Points, ratios and targets again from the rows: this version's rules, the
+        # file's figures.
+        batch = results["settings"]["batch"]
+        if results.get("rows"):
+            results["points"] = report.aggregate(results["rows"])
+            report.add_ratios(results["points"], batch)
+        results["targets"] = report.targets(results["points"], batch)
         report.charts(results["points"], args.charts)
         print(report.markdown(results))
         return 0

@@ -64,7 +64,9 @@ def meta() -> dict[str, Any]:
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per point: the median of each numeric field over repetitions."""
+    """One record per point: the median of each numeric field over repetitions (a field
+    with the same value in every repetition, such as ``sessions``, is kept as it is: the
+    median of two equal ints is a float)."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         key = (row["scenario"], *(row.get(k) for k in KEYS[row["scenario"]]))
@@ -75,7 +77,10 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for field, value in same[0].items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 values = [r[field] for r in same if isinstance(r.get(field), int | float)]
-                merged[field] = statistics.median(values) if values else None
+                if len(set(values)) > 1:
+                    merged[field] = statistics.median(values)
+                elif not values:
+                    merged[field] = None
         merged["complete"] = all(r.get("complete") for r in same)
         merged["repeats"] = len(same)
         out.append(merged)
