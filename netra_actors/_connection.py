@@ -186,6 +186,7 @@ class Connection:
                     "aborted" if abort else "closed",
                     self.close_code,
                     self.close_reason,
+                    extra={"user_id": session.user_id, "session_id": session.session_id},
                 )
             with trio.CancelScope(shield=True) as shield:
                 shield.deadline = trio.current_time() + 2

@@ -488,7 +488,8 @@ class Runtime:
         it (or a ``resume_gap`` when that cannot be served exactly; also when
         ``session_hint`` names another stream). With ``batch`` > 1 a backlog is
         sent as multi-event frames of up to ``batch`` events. Returns the finished
-        ``Connection`` (its ``close_code`` says how it ended).
+        ``Connection`` (its ``close_code`` says how it ended, its ``close_reason``
+        why, when the server ended it: it also logs that at INFO).
         """
         session = await self.session(user_id)
         connection = Connection(
