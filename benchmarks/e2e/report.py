@@ -383,7 +383,7 @@ def markdown(results: dict[str, Any]) -> str:
                     p["label"] + ("" if p["complete"] else " **INCOMPLETE**"),
                     _f(p["kib_per_session"], 1),
                     " / ".join(
-                        _f(p[k] / 1024, 0)
+                        _f(_kib_to_mib(p[k]), 0)
                         for k in ("rss_before_kib", "rss_open_kib", "rss_after_close_kib")
                     ),
                     _f(p["open_s"], 1, " s"),
