@@ -194,7 +194,10 @@ class Config:
     heartbeat_timeout: float = attrs.field(
         default=20.0,
         validator=_positive,
-        metadata={"help": "a ping unanswered for this long aborts the connection"},
+        metadata={
+            "help": "a ping unanswered for this long, while the client took delivery of "
+            "nothing, aborts the connection"
+        },
     )
     rate_limit: float = attrs.field(
         default=20.0,

@@ -3,7 +3,9 @@
 Two tasks. The reader drains every incoming frame (so transport-level pings
 keep being answered) and turns it into requests to the session; after
 ``heartbeat_interval`` seconds without a frame from the peer it pings it, and
-aborts the connection if no pong comes within ``heartbeat_timeout``. The writer
+aborts the connection if within ``heartbeat_timeout`` no pong came and the peer
+took delivery of nothing we sent (a pong queued behind a backlog the client is
+reading comes late, and that client is there). The writer
 is the only task that sends frames of ours on the transport: direct replies,
 then the session's events in ``seq`` order, read through the connection's own
 cursor. Bad input gets a typed ``error`` frame and the connection stays usable.
@@ -44,7 +46,12 @@ from ._protocol import (
 )
 from ._sequencer import Subscription, SubscriptionLagged
 from ._trace import UnifiedTraceContext
-from ._transport import CLOSE_ABNORMAL, CoalescingTransport, Transport
+from ._transport import (
+    CLOSE_ABNORMAL,
+    CoalescingTransport,
+    DeliveryReportingTransport,
+    Transport,
+)
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -101,6 +108,9 @@ class Connection:
         self.session = session
         # Checked once: isinstance on a runtime-checkable protocol is slow.
         self._coalesces = isinstance(transport, CoalescingTransport)
+        self._delivered = (
+            transport.delivered if isinstance(transport, DeliveryReportingTransport) else None
+        )
         #: Most events per frame (1: one event per frame, the default protocol).
         self.batch = batch
         self.transport = transport
@@ -278,17 +288,15 @@ class Connection:
         assert self.subscription is not None
         reply = self.subscription.push_direct
         limit = self.config.max_frame_bytes
-        interval, timeout = self.config.heartbeat_interval, self.config.heartbeat_timeout
+        interval = self.config.heartbeat_interval
         try:
             while True:
                 with trio.move_on_after(interval) as quiet:
                     message = await self.transport.receive()
                 if quiet.cancelled_caught:
                     # Nothing from the peer for a heartbeat interval: is it still there?
-                    with trio.move_on_after(timeout):
-                        await self.transport.ping()
-                        continue
-                    raise _Close(CLOSE_ABNORMAL, abort=True, reason=f"no pong within {timeout:g} s")
+                    await self._heartbeat()
+                    continue
                 # trio-websocket's limit counts characters; the documented limit is bytes.
                 if isinstance(message, bytes):
                     if len(message) > limit:
@@ -334,6 +342,27 @@ class Connection:
                 raise _Close(CLOSE_ABNORMAL, abort=True) from None
         # The client is gone: nothing more to write.
         done.cancel()
+
+    async def _heartbeat(self) -> None:
+        """Ping the peer; return once it answers. Raises ``_Close`` (abort) if neither a
+        pong came within ``heartbeat_timeout`` nor did the peer take delivery of anything
+        we sent meanwhile.
+
+        A pong cannot overtake the frames queued ahead of its ping: a client reading a
+        long backlog slowly answers late while plainly there. So while the transport
+        reports that the peer keeps taking our data (``delivered``), the connection
+        pings again and waits another ``timeout``; a peer that takes nothing for that
+        long is aborted, whether the link died or the client stopped reading.
+        """
+        delivered, timeout = self._delivered, self.config.heartbeat_timeout
+        while True:
+            before = delivered() if delivered is not None else None
+            with trio.move_on_after(timeout):
+                await self.transport.ping()
+                return
+            after = delivered() if delivered is not None else None
+            if before is None or after is None or after <= before:
+                raise _Close(CLOSE_ABNORMAL, abort=True, reason=f"no pong within {timeout:g} s")
 
     async def _handle(
         self, parsed: ClientMessage, client_msg_id: str | None, reply: Callable[[str], None]

@@ -4,11 +4,16 @@ A transport carries one client's frames: send text, receive a message, close
 with a code. ``TrioWebSocketTransport`` wraps a trio-websocket connection;
 ``memory_transport_pair`` gives an in-memory pair for tests (no sockets,
 virtual time works); another transport (an ASGI WebSocket) can carry the same
-protocol by implementing these three methods.
+protocol by implementing these methods. Two capabilities are optional, found by
+``isinstance`` once per connection: writing several frames at once
+(``CoalescingTransport``), and telling how much of what was sent the peer has
+taken (``DeliveryReportingTransport``: the heartbeat then spares a peer that is
+slowly reading a backlog its pong is queued behind).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -62,8 +67,39 @@ class CoalescingTransport(Transport, Protocol):
         """
 
 
+@runtime_checkable
+class DeliveryReportingTransport(Transport, Protocol):
+    """A transport that can tell whether the peer is taking delivery of what it sent
+    (optional). The heartbeat uses it: a pong queued behind a long backlog cannot
+    come before the peer has read the backlog, and a peer that is reading it is there.
+    """
+
+    def delivered(self) -> int | None:
+        """How much of what this end sent the peer has taken so far: a count that only
+        grows (bytes its TCP acknowledged; frames read, for the memory pair), or
+        ``None`` when it cannot be told now."""
+
+
 #: Close code reported for an aborted connection (no close frame was exchanged).
 CLOSE_ABNORMAL = 1006
+
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    def _unacknowledged(sock: trio.socket.SocketType) -> int | None:
+        """Bytes a TCP socket holds that its peer has not acknowledged yet."""
+        try:
+            held = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except (OSError, ValueError):  # closed, or not a TCP socket
+            return None
+        return int.from_bytes(held, sys.byteorder, signed=True)
+
+else:  # pragma: no cover - the heartbeat then relies on pongs alone
+
+    def _unacknowledged(sock: trio.socket.SocketType) -> int | None:
+        return None
 
 
 class TrioWebSocketTransport:
@@ -80,6 +116,8 @@ class TrioWebSocketTransport:
     ) -> None:
         self.ws = ws
         self._raw = raw_stream
+        #: Bytes of our frames handed to the kernel (``send_texts``).
+        self._sent = 0
 
     async def send_text(self, text: str) -> None:
         await self.send_texts((text,))
@@ -120,6 +158,16 @@ class TrioWebSocketTransport:
             raise TransportClosed(CLOSE_ABNORMAL) from None
         finally:
             lock.release()
+        self._sent += len(data)
+
+    def delivered(self) -> int | None:
+        """Bytes of our frames the peer's TCP acknowledged: those handed to the kernel
+        minus those it still holds (``SIOCOUTQ``; Linux). ``None`` where the socket
+        cannot be asked. Frames trio-websocket writes itself (pings, pongs, the close)
+        are not counted, so the figure can only be too low, never too high."""
+        sock = getattr(self._raw if self._raw is not None else self.ws._stream, "socket", None)
+        held = None if sock is None else _unacknowledged(sock)
+        return None if held is None else max(0, self._sent - held)
 
     async def receive(self) -> str | bytes:
         try:
@@ -150,6 +198,16 @@ class _Pipe:
         self.send, self.recv = trio.open_memory_channel[str | bytes](capacity)
         self.close_code: int | None = None
         self.close_reason = ""
+        #: Messages sent into the pipe, and taken out of it by the receiving end.
+        self.sent = self.received = 0
+        #: Set (and dropped) when ``received`` grows, if a ping waits for it.
+        self.read_more: trio.Event | None = None
+
+    def taken(self) -> None:
+        self.received += 1
+        if self.read_more is not None:
+            self.read_more.set()
+            self.read_more = None
 
 
 class MemoryTransport:
@@ -183,25 +241,45 @@ class MemoryTransport:
             await self._out.send.send(message)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise TransportClosed(self.close_code) from None
+        self._out.sent += 1
 
     async def receive(self) -> str | bytes:
         try:
-            return await self._in.recv.receive()
+            message = await self._in.recv.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise TransportClosed(self._in.close_code, self._in.close_reason) from None
+        self._in.taken()
+        return message
+
+    def delivered(self) -> int:
+        """Messages of this end's the other end has received so far."""
+        return self._out.received
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         for pipe in (self._out, self._in):
             if pipe.close_code is None:
                 pipe.close_code, pipe.close_reason = code, reason
+            if pipe.read_more is not None:  # a ping waiting for the peer to read: closed
+                pipe.read_more.set()
+                pipe.read_more = None
         await self._out.send.aclose()
         await self._in.recv.aclose()
 
     async def ping(self) -> None:
+        """Answered, as over TCP, once the other end has received everything this end
+        sent before the ping (a pong cannot overtake the frames queued ahead of it);
+        never if it does not answer pings."""
         if self.closed:
             raise TransportClosed(self.close_code)
         if self.peer is not None and not self.peer.answers_pings:
             await trio.sleep_forever()
+        ahead = self._out.sent
+        while self._out.received < ahead and not self.closed:
+            if self._out.read_more is None:
+                self._out.read_more = trio.Event()
+            await self._out.read_more.wait()
+        if self.closed:
+            raise TransportClosed(self.close_code)
         await trio.lowlevel.checkpoint()
 
     async def abort(self) -> None:

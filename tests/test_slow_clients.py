@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
@@ -20,9 +21,17 @@ import attrs
 import pytest
 import trio
 import trio.testing
+import trio_websocket
 from strategies import Frame, MemoryClient, is_event, is_terminal, of_type
 
-from netra_actors import Config, MemoryTransport, Runtime, TransportClosed, memory_transport_pair
+from netra_actors import (
+    Config,
+    MemoryTransport,
+    Runtime,
+    TransportClosed,
+    TrioWebSocketTransport,
+    memory_transport_pair,
+)
 from netra_actors._connection import Connection
 from netra_actors.testing import check_lifecycle
 
@@ -364,6 +373,108 @@ async def test_a_responsive_peer_stays_connected_across_many_heartbeats(
     assert served.connection is not None
     assert served.connection.close_reason == ""
     assert not [r for r in caplog.records if r.name == "netra_actors.connection"]
+
+
+async def test_a_client_reading_a_long_backlog_slowly_is_not_aborted_by_the_heartbeat(
+    make_config: Callable[..., Config], autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client that sends nothing while it reads a 1,000-event stream at 20 frames/s: each ping waits behind up to 256 queued frames (12.8 s of reading) against a 3 s pong timeout, but the peer keeps taking delivery, so it stays connected and gets every event in order."""
+    config = make_config(heartbeat_interval=5, heartbeat_timeout=3, send_timeout=30)
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery, Runtime(config) as runtime:
+            start = trio.current_time()
+            client, served = raw_connection(nursery, runtime, "alice")
+            await send(client, type="user_message", text="stream 1000")
+            frames: list[Frame] = []
+            while not (frames and is_terminal(frames[-1])):
+                frames.append(json.loads(await client.receive()))
+                await trio.sleep(0.05)
+            read_for = trio.current_time() - start
+            still_open = not served.done.is_set()
+            await client.close()
+
+    assert read_for > 5 * (5 + 3)  # several heartbeats came due while it read
+    assert still_open
+    assert served.connection is not None
+    assert served.connection.close_reason == ""
+    run_id = frames[-1]["run_id"]
+    assert frames[-1]["type"] == "agent_completed"
+    assert check_lifecycle(frames).runs[run_id].terminal == "agent_completed"
+    assert pieces(frames, run_id) == stream_texts(1000)
+
+
+async def test_a_peer_that_stops_reading_is_aborted_by_the_heartbeat_before_send_timeout(
+    make_config: Callable[..., Config], autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client that starts a long stream and never reads: its pipe fills, nothing more is delivered, so the ping queued behind it goes unanswered and the heartbeat aborts it (1006) at heartbeat_interval + heartbeat_timeout, well before send_timeout; the run completes."""
+    config = make_config(heartbeat_interval=5, heartbeat_timeout=3, send_timeout=60)
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery, Runtime(config) as runtime:
+            start = trio.current_time()
+            client, served = raw_connection(nursery, runtime, "alice", capacity=16)
+            await send(client, type="user_message", text="stream 1000")
+            await served.done.wait()
+            ended_at = served.ended_at
+            frames, code = await drain(client)
+
+    assert (served.close_code, code) == (1006, 1006)
+    assert ended_at is not None
+    assert ended_at - start == pytest.approx(5 + 3, abs=0.01)
+    assert served.connection is not None
+    assert served.connection.close_reason == "no pong within 3 s"
+    assert len(frames) == 16
+    assert [f["type"] for f in frames[:2]] == ["session_ready", "run_accepted"]
+
+
+async def test_delivered_counts_the_bytes_the_peer_tcp_acknowledged() -> None:
+    """``TrioWebSocketTransport.delivered`` over a real socket (127.0.0.1, small buffers): while the client reads nothing and the server's write is blocked, it stays below what was written; once the client has read every frame (and said so: its frame carries the TCP acknowledgement of all it read) it is the exact byte count of the frames sent."""
+    frame, count = "x" * 65_536, 64
+    wire_bytes = count * (10 + 65_536)  # an unmasked server frame: 10-byte header, payload
+    served: list[TrioWebSocketTransport] = []
+    after_reply: list[int | None] = []
+    replied = trio.Event()
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        ws._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65_536)
+        transport = TrioWebSocketTransport(ws)
+        served.append(transport)
+        for _ in range(count):
+            await transport.send_text(frame)
+        assert await ws.get_message() == "read them all"
+        after_reply.append(transport.delivered())
+        replied.set()
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            await ws.get_message()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, ssl_context=None)
+            )
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65_536)
+            await sock.connect(("127.0.0.1", server.port))
+            stream = trio.SocketStream(sock)
+            try:
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery, stream, "127.0.0.1", "/", message_queue_size=1
+                )
+                await trio.testing.wait_all_tasks_blocked()
+                (transport,) = served
+                stalled = transport.delivered()
+                for _ in range(count):
+                    assert await ws.get_message() == frame
+                await ws.send_message("read them all")
+                await replied.wait()
+                await ws.aclose()
+            finally:
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+    assert stalled is not None
+    assert 0 <= stalled < wire_bytes // 2
+    assert after_reply == [wire_bytes]
 
 
 # --- send stalls ---------------------------------------------------------------------------------
