@@ -42,7 +42,8 @@ test-thorough: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -m "not network" $(ARGS)
 
 # End-to-end benchmark (issue 7): netra beside its baselines, same run, same machine.
-# Figures in benchmarks/results/latest.{json,md}, charts in docs/bench/.
+# Figures in benchmarks/results/latest.{json,md}, charts in docs/bench/ (bench-full:
+# benchmarks/results/full.{json,md}, docs/bench/full/).
 # bench: the quick profile (a few minutes on 2 cores); bench-full: everything.
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_e2e.py --profile quick $(ARGS)

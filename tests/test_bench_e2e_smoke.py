@@ -77,10 +77,12 @@ def test_harness_runs_every_server_kind_at_tiny_size(
     assert soak["complete"], soak.get("problems")
     assert len(soak["rss_phases_kib"]) == profile.soak_phases + 2  # before, warm-up, phases
 
-    saved = json.loads((tmp_path / "out" / "latest.json").read_text())
+    # Named for its profile: only the quick profile's (make bench) are "latest".
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tiny.json", "tiny.md"]
+    saved = json.loads((tmp_path / "out" / "tiny.json").read_text())
     assert saved["failures"] == []
     assert (
         "Throughput and server CPU per delivered event"
-        in (tmp_path / "out" / "latest.md").read_text()
+        in (tmp_path / "out" / "tiny.md").read_text()
     )
     assert {Path(p).name for p in results["charts"]} == {"throughput.png", "latency.png"}

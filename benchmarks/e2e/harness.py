@@ -6,6 +6,10 @@ Usage::
         [--procs 2] [--out benchmarks/results] [--charts docs/bench]
     python benchmarks/bench_e2e.py --report-only benchmarks/results/latest.json
 
+The quick profile writes ``latest.{json,md}`` and ``docs/bench/*.png``; any other
+profile ``<profile>.{json,md}`` and ``docs/bench/<profile>/*.png`` (``make bench-full``:
+``full.*``), so neither overwrites the other.
+
 Exit status 1 when any stream lost, reordered or failed anything (or a point
 crashed); the figures are written either way.
 """
@@ -38,6 +42,19 @@ def raise_open_files(wanted: int) -> int:
     return soft
 
 
+def results_name(profile: str) -> str:
+    """The stem of a profile's results files: ``latest`` for ``make bench`` (quick), the
+    profile's name otherwise, so a ``make bench-full`` never overwrites the quick
+    profile's figures, nor the other way round."""
+    return "latest" if profile == "quick" else profile
+
+
+def default_charts(profile: str) -> Path:
+    """Where a profile's charts go by default: docs/bench (quick), docs/bench/<profile>."""
+    charts = REPO / "docs" / "bench"
+    return charts if profile == "quick" else charts / profile
+
+
 def run_bench(
     profile: Profile,
     out: Path | None,
@@ -45,8 +62,8 @@ def run_bench(
     only: list[str] | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Run ``profile``; write ``latest.json`` / ``latest.md`` to ``out`` and the charts to
-    ``charts`` (each when given); return the results."""
+    """Run ``profile``; write ``<name>.json`` / ``<name>.md`` (``results_name``) to ``out``
+    and the charts to ``charts`` (each when given); return the results."""
     largest = max((*profile.memory_sessions, *profile.throughput_sessions,
                    *profile.latency_sessions))  # fmt: skip
     limit = raise_open_files(2 * largest + 1024)
@@ -80,8 +97,9 @@ def run_bench(
         results["charts"] = [str(p) for p in report.charts(points, charts)]
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "latest.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-        (out / "latest.md").write_text(report.markdown(results) + "\n")
+        name = results_name(profile.name)
+        (out / f"{name}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        (out / f"{name}.md").write_text(report.markdown(results) + "\n")
     return results
 
 
@@ -101,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         "netra-sqlite,trio-ws)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--charts", type=Path, default=REPO / "docs" / "bench")
+    parser.add_argument(
+        "--charts",
+        type=Path,
+        default=None,
+        help="chart directory (default: docs/bench for quick, docs/bench/<profile> otherwise)",
+    )
     parser.add_argument(
         "--report-only",
         type=Path,
@@ -119,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             results["points"] = report.aggregate(results["rows"])
             report.add_ratios(results["points"], batch)
         results["targets"] = report.targets(results["points"], batch)
-        report.charts(results["points"], args.charts)
+        report.charts(results["points"], args.charts or default_charts(results["profile"]))
         print(report.markdown(results))
         return 0
     # SIGTERM (a stopped `make`, a killed job) unwinds like Ctrl-C, so every server and
@@ -130,13 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         profile = replace(profile, procs=args.procs)
     if args.configs:
         profile = only_configs(profile, set(args.configs.split(",")))
+    charts = args.charts or default_charts(profile.name)
     try:
-        results = run_bench(profile, args.out, args.charts, parse_only(args.only))
+        results = run_bench(profile, args.out, charts, parse_only(args.only))
     finally:
         stop_all()  # whatever an interrupted scenario left running
     print()
     print(report.markdown(results))
-    print(f"wall {results['wall_s']:.0f} s; results in {args.out}, charts in {args.charts}")
+    name = results_name(profile.name)
+    print(f"wall {results['wall_s']:.0f} s; results in {args.out}/{name}.*, charts in {charts}")
     for failure in results["failures"]:
         print(f"FAIL: {failure}", file=sys.stderr)
     return 1 if results["failures"] else 0
