@@ -102,6 +102,7 @@ class Connection:
         after_seq: int | None = None,
         session_hint: str | None = None,
         batch: int = 1,
+        on_done: Callable[[Connection], None] | None = None,
     ) -> None:
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1 to {MAX_BATCH}, got {batch}")
@@ -121,6 +122,8 @@ class Connection:
         self.session_hint = session_hint
         self.subscription: Subscription | None = None
         self.done = trio.Event()
+        #: Called once the connection has ended, just before ``done`` is set.
+        self._on_done = on_done
         self.close_code: int | None = None
         #: Why the server ended the connection ("" when the client did, or the session).
         self.close_reason = ""
@@ -209,7 +212,12 @@ class Connection:
                     logger.debug("close of %s failed", self.connection_id, exc_info=True)
                 if shield.cancelled_caught:
                     await self.transport.abort()
-            self.done.set()
+            self._ended()
+
+    def _ended(self) -> None:
+        if self._on_done is not None:
+            self._on_done(self)
+        self.done.set()
 
     async def _write(self, frames: Sequence[str], limit: trio.CancelScope) -> None:
         """Send ``frames`` as consecutive frames: one write when the transport can,

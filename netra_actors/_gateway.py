@@ -24,7 +24,7 @@ import importlib.resources
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -37,6 +37,7 @@ from wsproto.utilities import LocalProtocolError
 
 from ._auth import load_secret, verify_token
 from ._config import Config
+from ._connection import Connection
 from ._exceptions import AuthError, RuntimeClosed
 from ._metrics import CONTENT_TYPE_LATEST, metrics_for
 from ._protocol import MAX_BATCH, SUBPROTOCOL
@@ -180,13 +181,19 @@ class _ReplayStream(trio.abc.Stream):
         self._prefix = prefix
         self.stream = stream
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    def receive_some(self, max_bytes: int | None = None) -> Coroutine[Any, Any, bytes | bytearray]:
+        """Once the prefix is consumed, the wrapped stream's own ``receive_some`` (not a
+        coroutine of ours around it: a connection waits here for its whole life, and
+        each frame in that chain is memory per connection)."""
         if self._prefix:
-            size = len(self._prefix) if max_bytes is None else max_bytes
-            data, self._prefix = self._prefix[:size], self._prefix[size:]
-            await trio.lowlevel.checkpoint()
-            return data
-        return bytes(await self.stream.receive_some(max_bytes))
+            return self._replay(max_bytes)
+        return self.stream.receive_some(max_bytes)
+
+    async def _replay(self, max_bytes: int | None) -> bytes:
+        size = len(self._prefix) if max_bytes is None else max_bytes
+        data, self._prefix = self._prefix[:size], self._prefix[size:]
+        await trio.lowlevel.checkpoint()
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
@@ -342,7 +349,11 @@ class Gateway:
         reach ``serve_listeners``, which would stop the whole server.
         """
         try:
-            await self._handle(stream)
+            upgrade = await self._handle(stream)
+            if upgrade is not None:
+                # Served in this frame, not below _handle: one frame less kept alive
+                # for each open connection.
+                await self._websocket(*upgrade)
         except* (
             trio.BrokenResourceError,
             trio.ClosedResourceError,
@@ -359,26 +370,25 @@ class Gateway:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await trio.aclose_forcefully(stream)
 
-    async def _handle(self, stream: trio.abc.Stream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> tuple[_ReplayStream, HttpRequest] | None:
+        """Read the request head and answer it, except a valid WebSocket upgrade: that is
+        returned (a stream replaying the bytes read, and the head) for ``handle`` to serve."""
         try:
             with trio.move_on_after(self.config.handshake_timeout) as timer:
                 request, raw = await _read_head(stream)
             if timer.cancelled_caught:
-                return
+                return None
         except _BadRequest as exc:
             await self._send_http(
                 stream, HttpResponse.json(400, {"error": "bad_request", "message": str(exc)})
             )
-            return
+            return None
         if request.headers.get("upgrade", "").lower() == "websocket":
             problem = upgrade_problem(request)
-            if problem is not None:
-                await self._send_http(stream, problem)
-            else:
-                replay = _ReplayStream(raw, stream)
-                del raw  # not kept for the connection's lifetime
-                await self._websocket(replay, request)
-            return
+            if problem is None:
+                return _ReplayStream(raw, stream), request
+            await self._send_http(stream, problem)
+            return None
         route = self.routes.get((request.method, request.path))
         if route is None:
             response = HttpResponse.json(
@@ -387,6 +397,7 @@ class Gateway:
         else:
             response = await route(request)
         await self._send_http(stream, response)
+        return None
 
     async def _send_http(self, stream: trio.abc.Stream, response: HttpResponse) -> None:
         # Client errors only: a 503 from /healthz while shutting down is an answer.
@@ -404,6 +415,9 @@ class Gateway:
         )
 
     async def _websocket(self, stream: _ReplayStream, head: HttpRequest) -> None:
+        """Handshake, admit, accept, then wait here (the frame that holds trio-websocket's
+        nursery) while the connection actor serves the client in its session: an idle
+        connection's handler task keeps as few frames alive as it can."""
         config = self.config
         async with trio.open_nursery() as nursery:
             with trio.move_on_after(config.handshake_timeout) as timer:
@@ -417,51 +431,59 @@ class Gateway:
             if timer.cancelled_caught:
                 nursery.cancel_scope.cancel()
                 return
+            user_id = None
             try:
-                await self._serve_websocket(request, stream, head)
+                user_id = await self._admit(request, head)
+                if user_id is not None:
+                    connection = await self._accept(request, stream, head, user_id)
+                    if connection is not None:
+                        await connection.done.wait()
             finally:
+                if user_id is not None:
+                    # Counted until the connection ends, so the limits stay race-free.
+                    self._admitted_total -= 1
+                    self._admitted[user_id] -= 1
+                    if not self._admitted[user_id]:
+                        del self._admitted[user_id]
                 nursery.cancel_scope.cancel()
 
-    async def _serve_websocket(
-        self, request: trio_websocket.WebSocketRequest, stream: _ReplayStream, head: HttpRequest
-    ) -> None:
+    async def _admit(
+        self, request: trio_websocket.WebSocketRequest, head: HttpRequest
+    ) -> str | None:
+        """The user a WebSocket request may be served for, counted in the limits; ``None``
+        once it was refused (with its HTTP status)."""
         config = self.config
         manager = self.runtime.manager
         if head.path != WS_PATH:
             await self._refuse(request, 404, "not_found", f"no WebSocket endpoint at {head.path!r}")
-            return
+            return None
         proposed = list(request.proposed_subprotocols)
         try:
             user_id = verify_token(bearer_token(head, proposed), self._secret)
         except AuthError as exc:
             await self._refuse(request, 401, "unauthorized", str(exc))
-            return
+            return None
         if not _origin_allowed(head.headers.get("origin"), head, config.allowed_origins):
             await self._refuse(request, 403, "forbidden", "origin not allowed")
-            return
+            return None
         if not self.accepting or self.runtime.closing:
             await self._refuse(request, 503, "unavailable", "server is shutting down")
-            return
+            return None
         total = max(self._admitted_total, manager.connection_count())
         if total >= config.max_connections:
             await self._refuse(request, 503, "unavailable", "server connection limit reached")
-            return
+            return None
         mine = max(self._admitted.get(user_id, 0), len(manager.connections(user_id)))
         if mine >= config.max_connections_per_user:
             await self._refuse(
                 request, 429, "too_many_connections", "connection limit for this user"
             )
-            return
-        # Counted before the first await below, so the checks above are race-free.
+            return None
+        # Counted before any await from here on, so the checks above are race-free; the
+        # caller uncounts it once the connection ended.
         self._admitted_total += 1
         self._admitted[user_id] = self._admitted.get(user_id, 0) + 1
-        try:
-            await self._accept(request, stream, head, user_id)
-        finally:
-            self._admitted_total -= 1
-            self._admitted[user_id] -= 1
-            if not self._admitted[user_id]:
-                del self._admitted[user_id]
+        return user_id
 
     async def _accept(
         self,
@@ -469,7 +491,8 @@ class Gateway:
         stream: _ReplayStream,
         head: HttpRequest,
         user_id: str,
-    ) -> None:
+    ) -> Connection | None:
+        """Accept the handshake and start the connection actor; ``None`` if refused."""
         proposed = list(request.proposed_subprotocols)
         try:
             after_seq = _int_param(head.query.get("after_seq"))
@@ -478,14 +501,14 @@ class Gateway:
                 raise ValueError(f"batch must be 1 to {MAX_BATCH}, got {batch}")
         except ValueError as exc:
             await self._refuse(request, 400, "bad_request", str(exc))
-            return
+            return None
         ws = await request.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in proposed else None)
         traceparent = head.headers.get("traceparent")
         session_hint = next(iter(head.query.get("session_id", [])), None)
         if isinstance(head.headers, dict):
             head.headers.clear()  # read: not kept for the connection's lifetime
         try:
-            await self.runtime.serve_connection(
+            return await self.runtime._start_connection(
                 user_id,
                 TrioWebSocketTransport(ws, stream.stream),
                 traceparent=traceparent,
@@ -495,6 +518,7 @@ class Gateway:
             )
         except RuntimeClosed:
             await ws.aclose(1001, "server shutting down")
+            return None
 
 
 def _error_code(response: HttpResponse) -> str:

@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -491,6 +492,31 @@ class Runtime:
         ``Connection`` (its ``close_code`` says how it ended, its ``close_reason``
         why, when the server ended it: it also logs that at INFO).
         """
+        connection = await self._start_connection(
+            user_id,
+            transport,
+            traceparent=traceparent,
+            after_seq=after_seq,
+            session_hint=session_hint,
+            batch=batch,
+        )
+        await connection.done.wait()
+        return connection
+
+    async def _start_connection(
+        self,
+        user_id: str,
+        transport: Transport,
+        *,
+        traceparent: str | None = None,
+        after_seq: int | None = None,
+        session_hint: str | None = None,
+        batch: int = 1,
+    ) -> Connection:
+        """``serve_connection`` without the wait: the connection actor is started in the
+        user's session and returned; its ``done`` is set once it ended (the runtime
+        forgets it then). The gateway waits in the frame that holds the socket's
+        nursery, so an idle connection's handler task keeps fewer frames alive."""
         session = await self.session(user_id)
         connection = Connection(
             session,
@@ -501,15 +527,14 @@ class Runtime:
             after_seq=after_seq,
             session_hint=session_hint,
             batch=batch,
+            on_done=partial(self.manager.remove_connection, user_id),
         )
         self.manager.add_connection(user_id, connection)
         try:
             session.spawn(connection.run)
-            await connection.done.wait()
-        except NetraError:
+        except NetraError:  # the session is closing: the actor never ran
+            connection._ended()
             await transport.close(1001)
-        finally:
-            self.manager.remove_connection(user_id, connection)
         return connection
 
     def statistics(self) -> RuntimeStatistics:

@@ -323,7 +323,18 @@ class Session:
         ``agent_cancelled``).
         """
         try:
-            await self._supervise(task_status)
+            # The nursery is opened here, not in a helper coroutine: a session waits in
+            # this frame for its whole life, and each frame waiting is memory per session.
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.sequencer.needs_task:
+                    nursery.start_soon(self._run_sequencer)
+                self._idle_since = trio.current_time()
+                self._watch_idle()
+                ready, self._ready = self._ready, None
+                if ready is not None:
+                    ready.set()
+                task_status.started()
         except* Exception:
             # A fault in the session's own machinery (not in agent or tool code,
             # which become events) ends this session only, never the runtime.
@@ -333,18 +344,6 @@ class Session:
             self._closed.set()
             if self._on_closed is not None:
                 self._on_closed(self)
-
-    async def _supervise(self, task_status: trio.TaskStatus[None]) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if self.sequencer.needs_task:
-                nursery.start_soon(self._run_sequencer)
-            self._idle_since = trio.current_time()
-            self._watch_idle()
-            ready, self._ready = self._ready, None
-            if ready is not None:
-                ready.set()
-            task_status.started()
 
     def _start_actors(self) -> None:
         """Start the agent actor and the tool executor (on the first request: a session
