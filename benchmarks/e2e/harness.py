@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/bench_e2e.py [--profile quick|full|tiny] [--only throughput,latency]
+        [--configs netra-sqlite,trio-ws] [--sessions 1000,10000] [--repeat 1]
         [--procs 2] [--out benchmarks/results] [--charts docs/bench]
     python benchmarks/bench_e2e.py --report-only benchmarks/results/latest.json
 
@@ -118,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated configurations: run only these of the profile's (for example "
         "netra-sqlite,trio-ws)",
     )
+    parser.add_argument(
+        "--sessions",
+        default=None,
+        help="comma-separated session counts: the throughput points to run, for every "
+        "configuration (for example 1000,10000)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="repetitions of each point (full: 2)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument(
         "--charts",
@@ -153,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         profile = replace(profile, procs=args.procs)
     if args.configs:
         profile = only_configs(profile, set(args.configs.split(",")))
+    if args.sessions:
+        sessions = tuple(int(n) for n in args.sessions.split(","))
+        profile = replace(profile, throughput_sessions=sessions, throughput_large_sessions=())
+    if args.repeat:
+        profile = replace(profile, repeat=args.repeat)
     charts = args.charts or default_charts(profile.name)
     try:
         results = run_bench(profile, args.out, charts, parse_only(args.only))
