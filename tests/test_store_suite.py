@@ -390,6 +390,23 @@ async def test_events_after_is_oldest_first_and_respects_the_limit(store: RunSto
     assert await store.events_after("s-unknown", 0, BIG) == []
 
 
+@pytest.mark.parametrize("count", [255, 256, 257, 777])
+async def test_a_large_append_keeps_every_event_in_order(store: RunStore, count: int) -> None:
+    """One append of many events (around and past the sizes a store may split a batch into)
+    stores each once, in order, byte for byte; the next append follows it."""
+    stream = await new_stream(store)
+    events = [stream.ev("partial_result", "r-1", {"text": f"t{i} "}) for i in range(count)]
+    await store.append(stream.session_id, events)
+    more = [stream.ev("partial_result", "r-1", {"text": "last"})]
+    await store.append(stream.session_id, more)
+    got = await store.events_after(stream.session_id, 0, BIG)
+    assert frames(got) == frames(events + more)
+    assert [e.seq for e in got] == list(range(1, count + 2))
+    session = await store.session_for("alice")
+    assert session is not None
+    assert session.last_seq == count + 1
+
+
 # -- runs ------------------------------------------------------------------------------------
 
 
