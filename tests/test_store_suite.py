@@ -1551,6 +1551,43 @@ async def test_sqlite_group_commit(tmp_path: Path) -> None:
             assert seqs(await store.events_after(f"s-{i}", 0, BIG)) == [1, 2]
 
 
+async def test_sqlite_linger_gathers_a_busy_moments_writes_into_one_commit(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``linger``: a write that comes while the store is busy (its previous commit ended
+    less than ten lingers ago) waits one linger, and the writes that arrive meanwhile
+    share its commit; a write after a quiet spell is committed at once."""
+    linger = 0.01
+    store = SqliteStore(tmp_path / DB_FILENAME, linger=linger)
+    async with started(store):
+        for i in range(5):
+            await store.create_session(f"s-{i}", f"u-{i}")
+        await trio.sleep(1.0)  # quiet: more than ten lingers since the last commit
+        began, commits = trio.current_time(), store.commits
+        await store.append("s-0", [event(1, "agent_started", "r-0")])
+        assert store.commits == commits + 1
+        assert trio.current_time() == began  # committed at once, not a linger later
+
+        # Busy now: four writes 2 ms apart, the first one a linger's wait.
+        waited: list[float] = []
+
+        async def append_later(i: int) -> None:
+            await trio.sleep(0.002 * (i - 1))
+            submitted = trio.current_time()
+            await store.append(f"s-{i}", [event(1, "agent_started", f"r-{i}")])
+            waited.append(trio.current_time() - submitted)
+
+        commits = store.commits
+        async with trio.open_nursery() as nursery:
+            for i in range(1, 5):
+                nursery.start_soon(append_later, i)
+        assert store.commits == commits + 1  # four writes, one commit
+        assert max(waited) == pytest.approx(linger)  # the first write waited one linger
+        assert min(waited) == pytest.approx(linger - 0.006)
+        for i in range(5):
+            assert seqs(await store.events_after(f"s-{i}", 0, BIG)) == [1]
+
+
 async def test_sqlite_checkpoints_off_the_commit_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
